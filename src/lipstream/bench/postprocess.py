@@ -1,0 +1,156 @@
+"""`lipstream bench postprocess`: the per-frame resize -> unsharp -> blend, MuseTalk-original style
+against lipstream on NumPy, on torch CPU tensors and (when present) on CUDA, in one run.
+
+Timings are medians in ms per frame. CPU paths take one frame at a time; torch paths also run a
+batch of 16 frames (each with its own, slightly moved face box, as a real avatar's boxes are) and
+report the time per frame. On CUDA, "frame on GPU" keeps frames, faces and masks resident and
+composites in place; "with copies" adds the host->device upload of the frames and the download of
+the results (pinned memory). GPU times come from CUDA events."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from lipstream import imgproc
+from lipstream.bench import original
+from lipstream.bench.report import device_name, format_table, median_ms, write_results
+from lipstream.bench.scene import Scene, astronaut_bgr, make_scene
+
+FRAME_SIZES = {"1080p": ((1080, 1920), (760, 220, 1060, 580)), "720p": ((720, 1280), (500, 150, 700, 390))}
+BATCH = 16
+TARGET_CPU_SPEEDUP = 20.0
+TARGET_GPU_MS_PER_FRAME = 0.1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per measurement (default 30)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for OpenCV and torch (default: all)")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(FRAME_SIZES), default=list(FRAME_SIZES))
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA measurements even if a GPU is present")
+    parser.add_argument("--out-dir", default=None, help="where to write the JSON (default bench/results)")
+
+
+def _batch(frame_hw: tuple[int, int], face_box: tuple[int, int, int, int], photo: np.ndarray) -> list[Scene]:
+    """BATCH scenes whose face boxes wander by a few pixels, as detected boxes do frame to frame."""
+    rng = np.random.default_rng(7)
+    scenes = []
+    for i in range(BATCH):
+        dx, dy, dw, dh = (int(v) for v in rng.integers(-6, 7, 4))
+        x1, y1, x2, y2 = face_box
+        scenes.append(make_scene(frame_hw, (x1 + dx, y1 + dy, x2 + dx + dw, y2 + dy + dh), seed=i, photo=photo))
+    return scenes
+
+
+def _cpu_rows(name: str, s: Scene, reps: int) -> list[dict]:
+    """original vs lipstream NumPy vs lipstream torch-CPU, one frame at a time."""
+    resized = original.resize(s.face, s.face_box)
+    sharp = original.unsharp(resized)
+    h, w = resized.shape[:2]
+    out = np.empty_like(s.frame)
+    t_frame, t_face, t_resized = (torch.from_numpy(a) for a in (s.frame, s.face, resized))
+    t_out, t_mask = torch.empty_like(t_frame), torch.from_numpy(s.mask)
+    t_sharp = torch.from_numpy(sharp)
+    ops = {
+        "resize": (lambda: original.resize(s.face, s.face_box),
+                   lambda: imgproc.resize(s.face, (h, w)),
+                   lambda: imgproc.resize(t_face, (h, w))),
+        "unsharp": (lambda: original.unsharp(resized),
+                    lambda: imgproc.unsharp_mask(resized),
+                    lambda: imgproc.unsharp_mask(t_resized)),
+        "blend": (lambda: original.blend(s.frame, sharp, s.face_box, s.mask, s.crop_box),
+                  lambda: imgproc.blend(s.frame, sharp, s.face_box, s.mask, s.crop_box, out=out),
+                  lambda: imgproc.blend(t_frame, t_sharp, s.face_box, t_mask, s.crop_box, out=t_out)),
+        "pipeline": (lambda: original.postprocess(s.frame, s.face, s.face_box, s.mask, s.crop_box),
+                     lambda: imgproc.composite(s.frame, s.face, s.face_box, s.mask, s.crop_box, out=out),
+                     lambda: imgproc.composite(t_frame, t_face, s.face_box, t_mask, s.crop_box, out=t_out)),
+    }
+    rows = []
+    for op, (orig_fn, numpy_fn, torch_fn) in ops.items():
+        base = median_ms(orig_fn, reps)
+        for impl, fn in (("numpy", numpy_fn), ("torch-cpu", torch_fn)):
+            ms = median_ms(fn, reps)
+            rows.append({"size": name, "operation": op, "impl": impl, "batch": 1, "original_ms": base,
+                         "lipstream_ms": ms, "speedup": base / ms})
+    return rows
+
+
+def _torch_batch_rows(name: str, scenes: list[Scene], base_ms: float, device: torch.device, reps: int) -> list[dict]:
+    """The whole pipeline for a batch of BATCH frames on `device`, ms per frame."""
+    frames_host = torch.from_numpy(np.stack([s.frame for s in scenes]))
+    faces = torch.from_numpy(np.stack([s.face for s in scenes])).to(device)
+    masks = [torch.from_numpy(s.mask).to(device) for s in scenes]
+    face_boxes = [s.face_box for s in scenes]
+    crop_boxes = [s.crop_box for s in scenes]
+    frames = frames_host.to(device)
+    work = frames.clone()
+
+    def resident():
+        imgproc.composite(frames, faces, face_boxes, masks, crop_boxes, out=work)
+
+    variants = [("frame on device", resident)]
+    if device.type == "cuda":
+        pinned_in, pinned_out = frames_host.pin_memory(), torch.empty_like(frames_host).pin_memory()
+
+        def with_copies():
+            work.copy_(pinned_in, non_blocking=True)
+            imgproc.composite(work, faces, face_boxes, masks, crop_boxes, out=work)
+            pinned_out.copy_(work, non_blocking=True)
+
+        variants.append(("with host<->device copies", with_copies))
+    impl = "cuda" if device.type == "cuda" else "torch-cpu"
+    rows = []
+    for label, fn in variants:
+        ms = median_ms(fn, reps, device=device) / len(scenes)
+        rows.append({"size": name, "operation": f"pipeline, {label}", "impl": impl, "batch": len(scenes),
+                     "original_ms": base_ms, "lipstream_ms": ms, "speedup": base_ms / ms})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+    photo = astronaut_bgr()
+    use_cuda = torch.cuda.is_available() and not args.no_cuda
+    rows: list[dict] = []
+    for name in args.sizes:
+        frame_hw, face_box = FRAME_SIZES[name]
+        print(f"timing {name} ...", flush=True)
+        rows += _cpu_rows(name, make_scene(frame_hw, face_box, photo=photo), args.reps)
+        base = next(r["original_ms"] for r in rows if r["size"] == name and r["operation"] == "pipeline")
+        scenes = _batch(frame_hw, face_box, photo)
+        rows += _torch_batch_rows(name, scenes, base, torch.device("cpu"), max(3, args.reps // 5))
+        if use_cuda:
+            rows += _torch_batch_rows(name, scenes, base, torch.device("cuda"), args.reps)
+            rows += _torch_batch_rows(name, scenes[:1], base, torch.device("cuda"), args.reps)
+
+    table = [[f"{r['size']} {r['operation']} [{r['impl']}, batch {r['batch']}]", r["original_ms"], r["lipstream_ms"],
+              f"{r['speedup']:.1f}x"] for r in rows]
+    print(format_table(["Operation", "original (ms/frame)", "lipstream (ms/frame)", "speedup"], table))
+
+    verdicts = []
+    for r in rows:
+        if r["operation"] == "pipeline" and r["impl"] == "numpy":
+            ok = r["speedup"] >= TARGET_CPU_SPEEDUP
+            verdicts.append(f"{r['size']} CPU pipeline {r['speedup']:.1f}x vs target >= {TARGET_CPU_SPEEDUP:.0f}x: "
+                            f"{'met' if ok else 'MISSED'}")
+        if r["impl"] == "cuda" and r["batch"] == BATCH and r["operation"].endswith("frame on device"):
+            ok = r["lipstream_ms"] <= TARGET_GPU_MS_PER_FRAME
+            verdicts.append(f"{r['size']} GPU batch {BATCH} {r['lipstream_ms']:.3f} ms/frame vs target "
+                            f"<= {TARGET_GPU_MS_PER_FRAME} ms: {'met' if ok else 'MISSED'}")
+    if not use_cuda:
+        verdicts.append("no CUDA device: the GPU rows (d) were not measured")
+    print("\n".join(verdicts))
+
+    device = torch.device("cuda" if use_cuda else "cpu")
+    settings = {"reps": args.reps, "threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads(),
+                "sizes": args.sizes, "batch": BATCH, "cuda": use_cuda, "cpu": device_name("cpu"),
+                "opencv": cv2.__version__, "numpy": np.__version__}
+    path = write_results("postprocess", device, settings, rows, Path(args.out_dir) if args.out_dir else None)
+    print(f"results written to {path}")
+    return 0

@@ -1,0 +1,34 @@
+"""The `lipstream` command. Each sub-command group lives in its own module and registers itself
+through an `add_parser(subparsers)` function that sets `func` on its parser."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lipstream import __version__
+from lipstream.bench import cli as bench_cli
+from lipstream.models import cli as models_cli
+
+COMMAND_GROUPS = [bench_cli, models_cli]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipstream", description="Real-time lip-sync server and tools.")
+    parser.add_argument("--version", action="version", version=f"lipstream {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for group in COMMAND_GROUPS:
+        group.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from lipstream.bench import scene
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def astronaut_bgr() -> np.ndarray:
+    """scikit-image's astronaut photo (NASA, public domain), uint8 [512,512,3] BGR."""
+    return scene.astronaut_bgr()
+
+
+@pytest.fixture(scope="session")
+def make_scene(astronaut_bgr):
+    """make_scene(frame_hw, face_box, seed) -> lipstream.bench.scene.Scene, built from the astronaut photo."""
+
+    def build(frame_hw=(720, 1280), face_box=(500, 150, 760, 470), seed=0) -> scene.Scene:
+        return scene.make_scene(frame_hw, face_box, seed, photo=astronaut_bgr)
+
+    return build
