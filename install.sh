@@ -2,22 +2,10 @@
 # Installs lipstream and everything its tests need into ./.venv (override with LIPSTREAM_VENV).
 #  - torch: if the python3 you run this with already has torch (e.g. your own CUDA build), the venv
 #    sees it (--system-site-packages) and keeps it; otherwise torch==2.13.0 is installed.
-#  - system packages (ffmpeg libraries are bundled in PyAV; these are for tests and the demo) are
-#    installed with apt-get when running as root on Debian/Ubuntu, else listed for you to install.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${LIPSTREAM_VENV:-.venv}
 PY=${PYTHON:-python3}
-APT_PACKAGES=()
-
-if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PACKAGES[@]}"
-  else
-    echo "note: install these system packages for the full test suite: ${APT_PACKAGES[*]}"
-  fi
-fi
-
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" 2>/dev/null; then
     echo "using the torch of $PY: $("$PY" -c 'import torch; print(torch.__version__)')"

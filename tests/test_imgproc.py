@@ -128,11 +128,12 @@ def test_gaussian_blur_tiny_image_larger_than_kernel_radius():
 
 
 # ------------------------------------------------------------------------------------------------ unsharp
-def test_unsharp_bit_exact_with_original(photo, noise):
+@pytest.mark.parametrize("threshold", [5.0, 5.5, 0.0])
+def test_unsharp_bit_exact_with_original(photo, noise, threshold):
     for img in (photo, noise):
-        ref = original.unsharp(img)
-        assert np.array_equal(imgproc.unsharp_mask(img), ref)
-        assert np.array_equal(as_numpy(imgproc.unsharp_mask(torch.from_numpy(img))), ref)
+        ref = original.unsharp(img, threshold=threshold)
+        assert np.array_equal(imgproc.unsharp_mask(img, threshold=threshold), ref)
+        assert np.array_equal(as_numpy(imgproc.unsharp_mask(torch.from_numpy(img), threshold=threshold)), ref)
 
 
 def test_unsharp_threshold_keeps_low_contrast_pixels():

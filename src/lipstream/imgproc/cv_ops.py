@@ -6,6 +6,8 @@ resize -> unsharp -> blend pipeline on one core, where the MuseTalk original spe
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -35,8 +37,9 @@ def unsharp_mask(img: np.ndarray, ksize: int, sigma: float, amount: float, thres
     """uint8 [H,W,C] -> uint8 [H,W,C]: saturate(img*(1+amount) - blur*amount), img where |img-blur| < threshold."""
     blurred = gaussian_blur(img, ksize, sigma)
     sharp = _keep_channels(cv2.addWeighted(img, 1.0 + amount, blurred, -amount, 0.0), img.shape[2])
-    low_contrast = cv2.absdiff(img, blurred) < threshold  # absdiff: no uint8 wrap-around
-    np.copyto(sharp, img, where=low_contrast.reshape(sharp.shape))
+    # absdiff: no uint8 wrap-around; the comparison is exact for any real threshold
+    low_contrast = cv2.compare(cv2.absdiff(img, blurred), math.ceil(threshold), cv2.CMP_LT)
+    cv2.copyTo(img, low_contrast, sharp)
     return sharp
 
 
