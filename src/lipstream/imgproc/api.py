@@ -123,7 +123,7 @@ def _with_cpu_fallback(op: str, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(*_to_device(list(args), "cpu"))
     try:
         return _to_device(result, device)
-    except Exception as error:  # the device is unusable: the CPU result is still correct
+    except Exception as error:  # noqa: BLE001 - the device is unusable: the CPU result is still correct
         log.warning("imgproc.%s: could not move the result back to %s (%s); returning it on the CPU", op, device, error)
         return result
 

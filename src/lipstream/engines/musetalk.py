@@ -1,0 +1,78 @@
+"""MuseTalk v1.5: one UNet step in latent space, then the VAE decoder (reference spec §4).
+
+    latents [B, 8, 32, 32] + audio [B, 50, 384] --(+PE)--> UNet(t=0) -> [B, 4, 32, 32]
+    --(/ scaling factor)--> VAE decode -> [B, 3, 256, 256] RGB in ~[-1, 1]
+    --(x/2+0.5, clamp [0,1], x255, round)--> uint8 [B, 256, 256, 3] BGR
+
+Everything stays on the engine's device; nothing is copied to the host."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from lipstream.engines.base import Engine
+from lipstream.models.latents import avatar_latents
+from lipstream.models.load import MuseTalkModels, load_musetalk
+
+# torch.compile modes that capture CUDA graphs: their outputs live in memory the next replay reuses.
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class MuseTalkEngine(Engine):
+    """The MuseTalk engine over shared, loaded `MuseTalkModels`.
+
+    compile_mode: None (eager) or a `torch.compile` mode ("default", "reduce-overhead" for CUDA
+    graphs, "max-autotune"). Shapes are static: each new batch size compiles once (seconds to
+    minutes), so feed a few fixed batch sizes (pad the last batch)."""
+
+    name = "musetalk"
+
+    def __init__(self, models: MuseTalkModels, compile_mode: str | None = None):
+        super().__init__(models.device, models.dtype)
+        self.models = models
+        self.timestep = torch.zeros((), dtype=torch.long, device=self.device)
+        self._cuda_graphs = compile_mode in _CUDA_GRAPH_MODES
+        self._faces = self._faces_eager if compile_mode is None else torch.compile(
+            self._faces_eager, mode=compile_mode, dynamic=False)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike | None = None, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None, compile_mode: str | None = None) -> MuseTalkEngine:
+        """An engine over `load_musetalk(root, device, dtype)` (loaded once per process, shared)."""
+        return cls(load_musetalk(root, device, dtype), compile_mode=compile_mode)
+
+    def _faces_eager(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        m = self.models
+        audio = m.positional_encoding(audio)
+        pred = m.unet(latents, self.timestep, encoder_hidden_states=audio, return_dict=False)[0]
+        image = m.vae.decode(pred / m.scaling_factor, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1)
+        # x255 and round in float32, as the released scripts do on the host (fp16 would round differently).
+        faces = image.float().mul(255).round().to(torch.uint8)
+        return faces.permute(0, 2, 3, 1).flip(-1).contiguous()
+
+    @torch.inference_mode()
+    def generate(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """latents: [B, 8, 32, 32] (from `avatar_latents`), audio: float [B, 50, 384] whisper window
+        features WITHOUT positional encoding (added here). Both are moved to the engine's device/dtype.
+
+        Returns faces: uint8 [B, 256, 256, 3] BGR, contiguous, on the engine's device."""
+        if latents.ndim != 4 or latents.shape[1] != 8 or audio.ndim != 3 or audio.shape[0] != latents.shape[0]:
+            raise ValueError(f"expected latents [B, 8, h, w] and audio [B, T, 384], got {tuple(latents.shape)} "
+                             f"and {tuple(audio.shape)}")
+        latents = latents.to(self.device, self.dtype)
+        audio = audio.to(self.device, self.dtype)
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._faces(latents, audio).clone()
+        return self._faces(latents, audio)
+
+    def avatar_latents(self, crops: np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
+                       batch_size: int = 16) -> torch.Tensor:
+        """An avatar's material: uint8 [N, 256, 256, 3] BGR face crops -> [N, 8, 32, 32] on the engine's
+        device, in its dtype (see `lipstream.models.latents.avatar_latents`; pass a seeded `generator`
+        for reproducible latents)."""
+        return avatar_latents(self.models.vae, crops, generator=generator, batch_size=batch_size)

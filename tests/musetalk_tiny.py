@@ -1,0 +1,75 @@
+"""Tiny random MuseTalk networks written in the official file layout, for the loading code to read back.
+
+Same code paths and the same interface shapes as the real models (latents [B,8,32,32], audio
+[B,50,384], faces [B,256,256,3]); only the widths and depths are small."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+from lipstream.models.unet import MUSETALK_UNET_CONFIG, build_unet
+
+TEST_UNET_CONFIG = {
+    **MUSETALK_UNET_CONFIG,
+    "block_out_channels": [32, 64],
+    # cross-attention at 16x16 only: attention over 32x32 = 1024 tokens costs most of a CPU forward
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
+# Four blocks, so the VAE downsamples x8 like sd-vae-ft-mse: 256x256 crops <-> 32x32 latents.
+TEST_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [4, 4, 8, 8],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 256,
+}
+# d_model stays 384 (the UNet's cross_attention_dim); max_source_positions 100 -> mel input [1, 80, 200].
+TEST_WHISPER_CONFIG = {
+    "d_model": 384, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 6,
+    "decoder_attention_heads": 6, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_source_positions": 100,
+    "max_target_positions": 16, "vocab_size": 100, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "decoder_start_token_id": 1,
+}
+
+
+def write_tiny_musetalk(root: Path, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Write tiny random models under `root` in MuseTalk's layout; return the in-memory originals
+    ("unet", "vae", "whisper_encoder"), fp32, eval mode."""
+    torch.manual_seed(seed)
+    unet = build_unet(TEST_UNET_CONFIG).eval()
+    (root / "musetalkV15").mkdir(parents=True)
+    json_config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0.dev0", **TEST_UNET_CONFIG}
+    (root / "musetalkV15" / "musetalk.json").write_text(json.dumps(json_config, indent=2))
+    torch.save(unet.state_dict(), root / "musetalkV15" / "unet.pth")
+
+    vae = AutoencoderKL(**TEST_VAE_CONFIG).eval()
+    vae.save_pretrained(root / "sd-vae", safe_serialization=False)
+    # sd-vae-ft-mse's config.json has no scaling_factor: the loader must fall back to 0.18215.
+    config_path = root / "sd-vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("scaling_factor")
+    config_path.write_text(json.dumps(config))
+
+    # As openai/whisper-tiny: a WhisperForConditionalGeneration checkpoint ("model." key prefix, tied
+    # proj_out not saved) in pytorch_model.bin, read back through WhisperModel.
+    whisper_config = WhisperConfig(**TEST_WHISPER_CONFIG, architectures=["WhisperForConditionalGeneration"])
+    whisper = WhisperForConditionalGeneration(whisper_config).eval()
+    (root / "whisper").mkdir()
+    whisper_config.save_pretrained(root / "whisper")
+    state = {k: v for k, v in whisper.state_dict().items() if k != "proj_out.weight"}
+    torch.save(state, root / "whisper" / "pytorch_model.bin")
+    WhisperFeatureExtractor().save_pretrained(root / "whisper")
+    return {"unet": unet, "vae": vae, "whisper_encoder": whisper.model.encoder}

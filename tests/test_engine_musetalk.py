@@ -1,0 +1,182 @@
+"""MuseTalkEngine on tiny random networks loaded from the official layout: generate() and avatar latents."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lipstream.engines.base import Engine
+from lipstream.engines.musetalk import MuseTalkEngine
+from lipstream.models.latents import crops_to_vae_input
+from lipstream.models.layout import has_musetalk_weights, models_root
+from musetalk_tiny import write_tiny_musetalk
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread; on a busy 2-core machine more threads spin (15x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> MuseTalkEngine:
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_musetalk(root)
+    return MuseTalkEngine.load(root, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 8, 32, 32, generator=g), torch.randn(2, 50, 384, generator=g)
+
+
+@pytest.fixture(scope="module")
+def faces(engine, batch) -> torch.Tensor:
+    return engine.generate(*batch)
+
+
+def test_engine_interface(engine):
+    assert isinstance(engine, Engine)
+    assert engine.name == "musetalk"
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
+
+
+def test_generate_returns_uint8_bgr_faces_on_the_device(faces):
+    assert faces.shape == (2, 256, 256, 3)
+    assert faces.dtype == torch.uint8 and faces.device.type == "cpu"
+    assert faces.is_contiguous()
+    assert faces.min() >= 0 and faces.max() <= 255 and faces.float().std() > 0
+
+
+def test_generate_equals_the_reference_steps_in_bgr(engine, batch, faces):
+    latents, audio = batch
+    m = engine.models
+    with torch.inference_mode():
+        audio_pe = audio + m.positional_encoding.table[:, :50]  # the engine adds the PE itself
+        pred = m.unet(latents, 0, encoder_hidden_states=audio_pe).sample
+        image = m.vae.decode(pred / 0.18215).sample
+    rgb = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(faces, rgb.flip(-1))  # BGR: channel 0 of the output is the decoder's blue
+    assert not torch.equal(faces, rgb)
+
+
+def test_generate_is_deterministic_and_uses_the_audio(engine, batch, faces):
+    latents, audio = batch
+    assert torch.equal(engine.generate(latents, audio), faces)
+    # a frame depends on its own conditioning only (up to the float rounding of another batch size)
+    assert (engine.generate(latents[1:], audio[1:]).int() - faces[1:].int()).abs().max() <= 1
+    assert not torch.equal(engine.generate(latents[:1], torch.zeros(1, 50, 384)), faces[:1])
+
+
+def test_generate_rejects_wrong_shapes(engine, batch):
+    latents, audio = batch
+    with pytest.raises(ValueError, match="expected latents"):
+        engine.generate(latents[:, :4], audio)
+    with pytest.raises(ValueError, match="expected latents"):
+        engine.generate(latents, audio[:1])
+
+
+def test_vae_input_masks_the_lower_half_and_converts_bgr_to_rgb():
+    crops = torch.zeros(1, 256, 256, 3, dtype=torch.uint8)
+    crops[..., 0] = 255  # pure blue in BGR
+    masked, reference = crops_to_vae_input(crops)
+    assert masked.shape == reference.shape == (1, 3, 256, 256)
+    assert torch.equal(reference[0, 2], torch.ones(256, 256))  # blue is RGB channel 2
+    assert torch.equal(reference[0, :2], -torch.ones(2, 256, 256))
+    assert torch.equal(masked[:, :, :128], reference[:, :, :128])
+    assert torch.equal(masked[:, :, 128:], -torch.ones(1, 3, 128, 256))  # lower half black
+
+
+def test_avatar_latents_are_masked_then_reference_and_reproducible(engine):
+    crops = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    latents = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(7), batch_size=2)
+    assert latents.shape == (3, 8, 32, 32) and latents.dtype == torch.float32
+    again = engine.avatar_latents(torch.from_numpy(crops), generator=torch.Generator().manual_seed(7), batch_size=2)
+    assert torch.equal(latents, again)
+    other = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(8), batch_size=2)
+    assert not torch.equal(latents, other)
+
+    vae = engine.models.vae
+    with torch.inference_mode():
+        masked, reference = crops_to_vae_input(torch.from_numpy(crops[:2]))
+        dist = vae.encode(torch.cat([masked, reference])).latent_dist
+        expected = dist.sample(generator=torch.Generator().manual_seed(7)) * 0.18215
+    assert torch.equal(latents[:2, :4], expected[:2])  # masked first
+    assert torch.equal(latents[:2, 4:], expected[2:])  # then the reference
+    # the generated faces take these latents as they are
+    assert engine.generate(latents, torch.zeros(3, 50, 384)).shape == (3, 256, 256, 3)
+
+
+def test_avatar_latents_reject_non_uint8_crops(engine):
+    with pytest.raises(ValueError, match="uint8"):
+        engine.avatar_latents(np.zeros((1, 256, 256, 3), dtype=np.float32))
+
+
+def test_bench_engine_runs_and_writes_json(engine, tmp_path, monkeypatch, capsys):
+    from lipstream.bench import engine as bench_engine
+
+    monkeypatch.setattr(bench_engine, "random_musetalk", lambda device, dtype: engine.models)  # tiny, not full size
+    parser = argparse.ArgumentParser()
+    bench_engine.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    assert bench_engine.run(args) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 | eager | 1 |" in out and "V100" in out
+    doc = json.loads(next(tmp_path.glob("engine-*.json")).read_text())
+    assert doc["benchmark"] == "engine" and doc["settings"]["batches"] == [1]
+    row = doc["rows"][0]
+    assert (row["dtype"], row["variant"], row["batch"]) == ("fp32", "eager", 1)
+    assert row["frames_per_s"] > 0 and row["unet_ms"] > 0 and row["vae_decode_ms"] > 0
+    assert [r["variant"] for r in doc["rows"][1:]] == ["whisper encoder, 30 s window",
+                                                       "log-mel features (CPU), 30 s window"]
+
+
+@pytest.mark.weights
+def test_real_weights_generate_a_face():
+    if not has_musetalk_weights():
+        pytest.skip(f"MuseTalk weights not under {models_root()} (run `lipstream models download`)")
+    engine = MuseTalkEngine.load()
+    crops = np.full((1, 256, 256, 3), 128, dtype=np.uint8)
+    latents = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(0))
+    faces = engine.generate(latents, torch.zeros(1, 50, 384))
+    assert faces.shape == (1, 256, 256, 3) and faces.dtype == torch.uint8 and faces.device == engine.device
+    # a grey crop reconstructs as roughly grey in its upper (unmasked) half
+    assert abs(faces[0, :100].float().mean().item() - 128) < 40
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_engine_matches_fp32_cpu(tmp_path, batch, faces):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    write_tiny_musetalk(tmp_path)
+    gpu = MuseTalkEngine.load(tmp_path, device="cuda")
+    assert gpu.dtype == torch.float16
+    out = gpu.generate(*batch)
+    assert out.device.type == "cuda" and out.dtype == torch.uint8 and out.shape == faces.shape
+    assert (out.cpu().int() - faces.int()).abs().float().mean() < 2
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_graphs_engine_matches_eager(tmp_path, batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    write_tiny_musetalk(tmp_path)
+    eager = MuseTalkEngine.load(tmp_path, device="cuda")
+    graphs = MuseTalkEngine(eager.models, compile_mode="reduce-overhead")
+    expected = eager.generate(*batch)
+    first = [graphs.generate(*batch) for _ in range(3)]  # compile, record, replay
+    assert all((f.int() - expected.int()).abs().max() <= 1 for f in first)
