@@ -6,10 +6,27 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from lipstream.bench import scene
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """No test reaches a model hub; tests that exercise downloads point HF_ENDPOINT at a local server."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Test-sized tensors run fastest on one thread; on a busy 2-core machine more threads spin (15x slower).
+    Benchmarks, not tests, measure multi-threaded speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

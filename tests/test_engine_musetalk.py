@@ -16,20 +16,6 @@ from lipstream.models.layout import has_musetalk_weights, models_root
 from musetalk_tiny import write_tiny_musetalk
 
 
-@pytest.fixture(autouse=True)
-def offline_hub(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread; on a busy 2-core machine more threads spin (15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> MuseTalkEngine:
     root = tmp_path_factory.mktemp("models")
