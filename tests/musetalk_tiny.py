@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from lipstream.models.unet import MUSETALK_UNET_CONFIG, build_unet
+from lipstream.models.vae import SD_VAE_CONFIG
 
 TEST_UNET_CONFIG = {
     **MUSETALK_UNET_CONFIG,
@@ -25,17 +26,7 @@ TEST_UNET_CONFIG = {
     "sample_size": 32,
 }
 # Four blocks, so the VAE downsamples x8 like sd-vae-ft-mse: 256x256 crops <-> 32x32 latents.
-TEST_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": [4, 4, 8, 8],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "sample_size": 256,
-}
+TEST_VAE_CONFIG = {**SD_VAE_CONFIG, "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
 # d_model stays 384 (the UNet's cross_attention_dim); max_source_positions 100 -> mel input [1, 80, 200].
 TEST_WHISPER_CONFIG = {
     "d_model": 384, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 6,
