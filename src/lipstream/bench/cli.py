@@ -8,6 +8,7 @@ import importlib
 # sub-command -> (module under lipstream.bench, help). Modules keep heavy imports inside run().
 BENCHMARKS = {
     "postprocess": ("postprocess", "per-frame resize + unsharp + blend: MuseTalk-original style vs lipstream"),
+    "audio-streaming": ("audio_streaming", "streaming vs offline whisper features: difference by context and look-ahead"),
     "engine": ("engine", "MuseTalk UNet + VAE decode (random full-size weights): frames/s, latency, memory"),
 }
 
