@@ -127,22 +127,19 @@ def _rel_l2(streamed: torch.Tensor, offline: torch.Tensor) -> tuple[float, float
 
 
 def _load_models(args: argparse.Namespace):
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    dtype = getattr(torch, args.dtype)
+    from lipstream.models.placement import for_inference
+    from lipstream.models.whisper import WHISPER_TINY_CONFIG, load_feature_extractor, load_whisper_encoder
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.whisper_dir:
-        encoder = WhisperModel.from_pretrained(args.whisper_dir, local_files_only=True).encoder
-        extractor = WhisperFeatureExtractor.from_pretrained(args.whisper_dir, local_files_only=True)
-        weights = f"whisper weights from {args.whisper_dir}"
-    else:
-        torch.manual_seed(args.seed)
-        config = WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
-                               num_mel_bins=80, max_source_positions=1500)
-        encoder = WhisperEncoder(config)
-        extractor = WhisperFeatureExtractor()
-        weights = "RANDOM whisper-tiny-shaped encoder (no weights): indicative only"
-    return encoder.to(args.device, dtype).eval(), extractor, weights
+        encoder = load_whisper_encoder(args.whisper_dir, device, dtype)
+        return encoder, load_feature_extractor(args.whisper_dir), f"whisper weights from {args.whisper_dir}"
+    torch.manual_seed(args.seed)
+    encoder = for_inference(WhisperEncoder(WhisperConfig(**WHISPER_TINY_CONFIG)), device, dtype)
+    return encoder, WhisperFeatureExtractor(), "RANDOM whisper-tiny-shaped encoder (no weights): indicative only"
 
 
 def run(args: argparse.Namespace) -> list[dict]:
