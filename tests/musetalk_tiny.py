@@ -27,10 +27,10 @@ TEST_UNET_CONFIG = {
 }
 # Four blocks, so the VAE downsamples x8 like sd-vae-ft-mse: 256x256 crops <-> 32x32 latents.
 TEST_VAE_CONFIG = {**SD_VAE_CONFIG, "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
-# d_model stays 384 (the UNet's cross_attention_dim); max_source_positions 100 -> mel input [1, 80, 200].
+# d_model stays 384 (the UNet's cross_attention_dim) and the input stays 30 s ([1, 80, 3000]), as real whisper.
 TEST_WHISPER_CONFIG = {
     "d_model": 384, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 6,
-    "decoder_attention_heads": 6, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_source_positions": 100,
+    "decoder_attention_heads": 6, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_source_positions": 1500,
     "max_target_positions": 16, "vocab_size": 100, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
     "decoder_start_token_id": 1,
 }

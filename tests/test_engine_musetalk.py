@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipstream.engines.base import Engine
+from lipstream.avatar.model import Avatar
+from lipstream.engines.base import Engine, concat, take
 from lipstream.engines.musetalk import MuseTalkEngine
 from lipstream.models.latents import crops_to_vae_input
 from lipstream.models.layout import has_musetalk_weights, models_root
@@ -31,7 +32,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def faces(engine, batch) -> torch.Tensor:
-    return engine.generate(*batch)
+    return engine.faces(*batch)
 
 
 def test_engine_interface(engine):
@@ -61,18 +62,18 @@ def test_generate_equals_the_reference_steps_in_bgr(engine, batch, faces):
 
 def test_generate_is_deterministic_and_uses_the_audio(engine, batch, faces):
     latents, audio = batch
-    assert torch.equal(engine.generate(latents, audio), faces)
+    assert torch.equal(engine.faces(latents, audio), faces)
     # a frame depends on its own conditioning only (up to the float rounding of another batch size)
-    assert (engine.generate(latents[1:], audio[1:]).int() - faces[1:].int()).abs().max() <= 1
-    assert not torch.equal(engine.generate(latents[:1], torch.zeros(1, 50, 384)), faces[:1])
+    assert (engine.faces(latents[1:], audio[1:]).int() - faces[1:].int()).abs().max() <= 1
+    assert not torch.equal(engine.faces(latents[:1], torch.zeros(1, 50, 384)), faces[:1])
 
 
 def test_generate_rejects_wrong_shapes(engine, batch):
     latents, audio = batch
     with pytest.raises(ValueError, match="expected latents"):
-        engine.generate(latents[:, :4], audio)
+        engine.faces(latents[:, :4], audio)
     with pytest.raises(ValueError, match="expected latents"):
-        engine.generate(latents, audio[:1])
+        engine.faces(latents, audio[:1])
 
 
 def test_vae_input_masks_the_lower_half_and_converts_bgr_to_rgb():
@@ -103,7 +104,7 @@ def test_avatar_latents_are_masked_then_reference_and_reproducible(engine):
     assert torch.equal(latents[:2, :4], expected[:2])  # masked first
     assert torch.equal(latents[:2, 4:], expected[2:])  # then the reference
     # the generated faces take these latents as they are
-    assert engine.generate(latents, torch.zeros(3, 50, 384)).shape == (3, 256, 256, 3)
+    assert engine.faces(latents, torch.zeros(3, 50, 384)).shape == (3, 256, 256, 3)
 
 
 def test_avatar_latents_reject_non_uint8_crops(engine):
@@ -137,7 +138,7 @@ def test_real_weights_generate_a_face():
     engine = MuseTalkEngine.load()
     crops = np.full((1, 256, 256, 3), 128, dtype=np.uint8)
     latents = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(0))
-    faces = engine.generate(latents, torch.zeros(1, 50, 384))
+    faces = engine.faces(latents, torch.zeros(1, 50, 384))
     assert faces.shape == (1, 256, 256, 3) and faces.dtype == torch.uint8 and faces.device == engine.device
     # a grey crop reconstructs as roughly grey in its upper (unmasked) half
     assert abs(faces[0, :100].float().mean().item() - 128) < 40
@@ -150,7 +151,7 @@ def test_cuda_fp16_engine_matches_fp32_cpu(tmp_path, batch, faces):
     write_tiny_musetalk(tmp_path)
     gpu = MuseTalkEngine.load(tmp_path, device="cuda")
     assert gpu.dtype == torch.float16
-    out = gpu.generate(*batch)
+    out = gpu.faces(*batch)
     assert out.device.type == "cuda" and out.dtype == torch.uint8 and out.shape == faces.shape
     assert (out.cpu().int() - faces.int()).abs().float().mean() < 2
 
@@ -163,6 +164,28 @@ def test_cuda_graphs_engine_matches_eager(tmp_path, batch):
     write_tiny_musetalk(tmp_path)
     eager = MuseTalkEngine.load(tmp_path, device="cuda")
     graphs = MuseTalkEngine(eager.models, compile_mode="reduce-overhead")
-    expected = eager.generate(*batch)
-    first = [graphs.generate(*batch) for _ in range(3)]  # compile, record, replay
+    expected = eager.faces(*batch)
+    first = [graphs.faces(*batch) for _ in range(3)]  # compile, record, replay
     assert all((f.int() - expected.int()).abs().max() <= 1 for f in first)
+
+
+def test_engine_interface_matches_faces(engine):
+    """generate(take(material, idx), features) is faces(latents[idx], audio windows)."""
+    rng = np.random.default_rng(0)
+    n = 3
+    crops = rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    avatar = Avatar("a", "", None, frames=np.zeros((n, 300, 300, 3), np.uint8),
+                    face_boxes=np.tile(np.int32([50, 50, 250, 250]), (n, 1)),
+                    crop_boxes=np.tile(np.int32([0, 0, 300, 300]), (n, 1)),
+                    masks=[np.zeros((300, 300), np.uint8)] * n, crops=crops)
+    material = engine.material(avatar)
+    assert material["latents"].shape[0] == n
+    audio = rng.standard_normal(16000).astype(np.float32) * 0.1
+    cond = engine.features(audio, fps=25)
+    assert cond.shape[0] == 25
+    idx = [2, 0]
+    batch = concat([take(material, idx[:1]), take(material, idx[1:])])
+    faces = engine.generate(batch, cond[:2])
+    assert torch.equal(faces, engine.faces(material["latents"][idx], cond[:2]))
+    stream = engine.feature_stream(fps=25)
+    assert stream.fps == 25

@@ -97,12 +97,12 @@ def _timed_first_call(fn, device: torch.device) -> float:
 
 
 def _measure(engine, latents: torch.Tensor, audio: torch.Tensor, compiled: bool, reps: int, warmup: int) -> dict:
-    """Timings of `engine.generate(latents, audio)`; for eager engines also the UNet and VAE-decode shares."""
+    """Timings of `engine.faces(latents, audio)`; for eager engines also the UNet and VAE-decode shares."""
     models, device = engine.models, engine.device
     row = {}
     if compiled:
-        row["first_call_s"] = _timed_first_call(lambda: engine.generate(latents, audio), device)
-    ms = median_ms(lambda: engine.generate(latents, audio), reps, warmup, device=device)
+        row["first_call_s"] = _timed_first_call(lambda: engine.faces(latents, audio), device)
+    ms = median_ms(lambda: engine.faces(latents, audio), reps, warmup, device=device)
     row.update(ms_per_batch=ms, ms_per_frame=ms / len(latents), frames_per_s=1000 * len(latents) / ms)
     if not compiled:  # already warm: same shapes
         with torch.inference_mode():

@@ -1,18 +1,62 @@
-"""The engine interface: what the rest of lipstream calls without knowing which engine runs."""
+"""The engine interface: what the rest of lipstream calls without knowing which engine runs.
+
+An engine turns per-frame audio conditioning plus an avatar's per-frame material into 256x256 face
+crops, which the compositor pastes into the avatar's frames:
+
+    material = engine.material(avatar)                # once per avatar: {key: [N, ...]} on device
+    cond = engine.features(audio, fps)                 # a whole clip: [F, ...] on device
+    stream = engine.feature_stream(fps)                # or live: push(chunk) -> [k, ...] as ready
+    faces = engine.generate(take(material, idx), cond) # uint8 [B, 256, 256, 3] BGR on device
+
+Batches may mix avatars and sessions: gather each frame's material with `take` and `torch.cat`
+the results key by key (`concat`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from lipstream.avatar.model import Avatar
+
+# Per-frame material of one avatar: every value has the cycle length N (or the batch size B) first.
+Material = dict[str, torch.Tensor]
+
+
+def take(material: Mapping[str, torch.Tensor], index: torch.Tensor | Sequence[int]) -> Material:
+    """The material of the cycle frames `index` ([B] ints): {key: value[index]}."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return {key: value[index.to(value.device)] for key, value in material.items()}
+
+
+def concat(materials: Sequence[Mapping[str, torch.Tensor]]) -> Material:
+    """Several batches' material joined along the batch dimension (same keys in all)."""
+    return {key: torch.cat([m[key] for m in materials]) for key in materials[0]}
+
+
+class FeatureStream(Protocol):
+    """Live audio in, per-frame conditioning out, one per audio stream (see audio/streaming.py)."""
+
+    fps: int
+
+    def push(self, samples: np.ndarray) -> torch.Tensor:
+        """samples: float32 [n] in [-1, 1] or int16 [n], mono 16 kHz. Returns the frames [k, ...] that
+        became ready (k may be 0), in order."""
+
+    def flush(self) -> torch.Tensor:
+        """End of speech: the remaining frames, so that floor(samples/16000*fps) came out in all."""
+
+    def reset(self) -> None:
+        """Forget everything; the next push starts frame 0 of a new utterance."""
 
 
 class Engine(ABC):
-    """Turns per-frame conditioning plus an avatar's material into face crops, on `device`.
-
-    name: the engine's id ("musetalk", ...). device/dtype: where and in which precision it computes.
-    Engines are stateless between calls; one engine may serve many sessions (batched together)."""
+    """name: the engine's id ("musetalk", "warp"). device/dtype: where and in which precision it
+    computes. Engines hold no per-session state; one engine serves many sessions, batched."""
 
     name: ClassVar[str]
 
@@ -21,9 +65,18 @@ class Engine(ABC):
         self.dtype = dtype
 
     @abstractmethod
-    def generate(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """One batch of frames.
+    def material(self, avatar: Avatar) -> Material:
+        """What this engine needs of each cycle frame of `avatar`, on `device` (computed once)."""
 
-        latents: [B, 8, 32, 32], the avatar's material for each frame.
-        audio: float [B, 50, 384], whisper window features for each frame (no positional encoding).
+    @abstractmethod
+    def features(self, audio: np.ndarray, fps: int = 25) -> torch.Tensor:
+        """Conditioning for a whole clip: float32 [S] 16 kHz mono -> [floor(S/16000*fps), ...]."""
+
+    @abstractmethod
+    def feature_stream(self, fps: int = 25) -> FeatureStream:
+        """A live form of `features`, for one audio stream."""
+
+    @abstractmethod
+    def generate(self, material: Mapping[str, torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
+        """One batch: material values [B, ...] (from `take`), conditioning [B, ...] (from `features`).
         Returns faces: uint8 [B, 256, 256, 3] BGR, contiguous, on `device`."""

@@ -9,13 +9,20 @@ Everything stays on the engine's device; nothing is copied to the host."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from lipstream.engines.base import Engine
+from lipstream.audio.features import audio_features
+from lipstream.audio.streaming import StreamingFeatures
+from lipstream.engines.base import Engine, Material
 from lipstream.models.latents import avatar_latents
 from lipstream.models.load import MuseTalkModels, load_musetalk
+
+if TYPE_CHECKING:
+    from lipstream.avatar.model import Avatar
 
 # torch.compile modes that capture CUDA graphs: their outputs live in memory the next replay reuses.
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -54,8 +61,29 @@ class MuseTalkEngine(Engine):
         faces = image.float().mul(255).round().to(torch.uint8)
         return faces.permute(0, 2, 3, 1).flip(-1).contiguous()
 
+    def generate(self, material: Mapping[str, torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
+        """The engine interface: `faces(material["latents"], conditioning)`."""
+        return self.faces(material["latents"], conditioning)
+
+    def material(self, avatar: Avatar) -> Material:
+        """{"latents": [N, 8, 32, 32]}: the avatar's stored latents, or computed from its crops (the
+        VAE samples its posterior, as MuseTalk does; seeded so that it is reproducible)."""
+        if avatar.latents is not None:
+            return {"latents": avatar.latents.to(self.device, self.dtype)}
+        generator = torch.Generator(self.device).manual_seed(0)
+        return {"latents": self.avatar_latents(avatar.crops, generator=generator)}
+
+    def features(self, audio: np.ndarray, fps: int = 25) -> torch.Tensor:
+        """Whisper window features [F, 50, 384] (no positional encoding) on the engine's device."""
+        m = self.models
+        return audio_features(audio, m.whisper_encoder, m.feature_extractor, fps=fps)
+
+    def feature_stream(self, fps: int = 25) -> StreamingFeatures:
+        """Live whisper features with the measured defaults (audio/streaming.py)."""
+        return StreamingFeatures(self.models.whisper_encoder, self.models.feature_extractor, fps=fps)
+
     @torch.inference_mode()
-    def generate(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    def faces(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """latents: [B, 8, 32, 32] (from `avatar_latents`), audio: float [B, 50, 384] whisper window
         features WITHOUT positional encoding (added here). Both are moved to the engine's device/dtype.
 

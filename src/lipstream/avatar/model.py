@@ -1,0 +1,65 @@
+"""The in-memory avatar: the idle cycle and what compositing and the engines need for each frame.
+
+Index i of every per-frame field is cycle frame i (MuseTalk's forward+reversed cycle, spec 2.6);
+output frame k of a session uses cycle frame k mod `len(avatar)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Avatar:
+    """name/tenant: identity (tenant "" is the default tenant). path: its folder on disk, or None.
+
+    frames: uint8 [N, H, W, 3] BGR, the cycle (all frames share one size).
+    face_boxes: int32 [N, 4] (x1, y1, x2, y2), the v15 face box incl. the 10 px jaw margin, always a
+      real box (frames without a detected face carry the nearest detected frame's box).
+    crop_boxes: int32 [N, 4] (x_s, y_s, x_e, y_e), the square 1.5x crop box; may extend past the frame.
+    masks: N uint8 [ch, cw] blend masks, crop-box sized.
+    crops: uint8 [N, 256, 256, 3] BGR face-box crops (Lanczos), the engines' reference image.
+    landmarks: float32 [N, 478, 2] MediaPipe face-mesh points in frame pixels (x, y), or None
+      (avatars imported from MuseTalk have none).
+    latents: MuseTalk material [N, 8, 32, 32] (masked, reference), or None when prepared without the VAE.
+    fps: the cycle's frame rate. meta: the manifest (version, source, checksums, ...)."""
+
+    name: str
+    tenant: str
+    path: Path | None
+    frames: np.ndarray
+    face_boxes: np.ndarray
+    crop_boxes: np.ndarray
+    masks: list[np.ndarray]
+    crops: np.ndarray
+    landmarks: np.ndarray | None = None
+    latents: torch.Tensor | None = None
+    fps: float = 25.0
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of every frame."""
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+    def __post_init__(self) -> None:
+        n = len(self)
+        if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[3] != 3:
+            raise ValueError(f"frames must be uint8 [N, H, W, 3], got {self.frames.dtype} {self.frames.shape}")
+        checks = {"face_boxes": (self.face_boxes, (n, 4)), "crop_boxes": (self.crop_boxes, (n, 4)),
+                  "crops": (self.crops, (n, 256, 256, 3))}
+        if self.landmarks is not None:
+            checks["landmarks"] = (self.landmarks, (n, 478, 2))
+        for what, (value, shape) in checks.items():
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{what} must have shape {shape}, got {tuple(value.shape)}")
+        if len(self.masks) != n:
+            raise ValueError(f"expected {n} masks, got {len(self.masks)}")
+        if self.latents is not None and (self.latents.ndim != 4 or self.latents.shape[0] != n):
+            raise ValueError(f"latents must be [{n}, 8, 32, 32], got {tuple(self.latents.shape)}")
