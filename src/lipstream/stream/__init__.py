@@ -1,0 +1,1 @@
+"""Turning an engine's faces into the avatar's video: compositing, sessions, scheduling."""

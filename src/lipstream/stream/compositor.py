@@ -1,0 +1,67 @@
+"""The compositor stage: generated faces pasted into the avatar's own frames.
+
+One `Compositor` per (avatar, device), shared by every session that shows the avatar. It keeps the
+avatar's frames, boxes and blend masks resident where compositing runs (GPU memory for a CUDA
+device, so no full frame crosses the bus; NumPy for the CPU, where OpenCV does the work)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lipstream.avatar.model import Avatar
+from lipstream.imgproc import composite
+
+Frames = np.ndarray | torch.Tensor
+
+
+class Compositor:
+    """avatar: the frames to paste into. device: "cpu" (NumPy/OpenCV, returns np.ndarray) or a CUDA
+    device (torch, returns tensors on it). sharpen: MuseTalk's unsharp mask on the resized face.
+
+    Frame index i means cycle frame i mod len(avatar)."""
+
+    def __init__(self, avatar: Avatar, device: torch.device | str = "cpu", *, sharpen: bool = True):
+        self.avatar = avatar
+        self.device = torch.device(device)
+        self.sharpen = sharpen
+        self.face_boxes = [tuple(int(v) for v in box) for box in avatar.face_boxes]
+        self.crop_boxes = [tuple(int(v) for v in box) for box in avatar.crop_boxes]
+        if self.device.type == "cpu":
+            self.frames: Frames = avatar.frames
+            self.masks: list = list(avatar.masks)
+        else:
+            self.frames = torch.from_numpy(avatar.frames).to(self.device)
+            self.masks = [torch.from_numpy(m).to(self.device, torch.float32) for m in avatar.masks]
+
+    def __len__(self) -> int:
+        return len(self.avatar)
+
+    def _cycle(self, indices: Sequence[int]) -> list[int]:
+        n = len(self)
+        return [int(i) % n for i in indices]
+
+    def idle(self, indices: Sequence[int]) -> Frames:
+        """The avatar's own frames, uint8 [B, H, W, 3] BGR (a new array/tensor, safe to modify)."""
+        cycle = self._cycle(indices)
+        if isinstance(self.frames, np.ndarray):
+            return self.frames[cycle]
+        return self.frames[torch.tensor(cycle, device=self.device)]
+
+    def compose(self, indices: Sequence[int], faces: torch.Tensor) -> Frames:
+        """indices: [B] frame indices; faces: uint8 [B, 256, 256, 3] BGR from an engine (any device).
+
+        Returns uint8 [B, H, W, 3] BGR frames: np.ndarray for a CPU compositor, else a tensor on
+        its device. Only each frame's face box differs from `idle(indices)`."""
+        if faces.ndim != 4 or faces.shape[0] != len(indices) or faces.dtype != torch.uint8:
+            raise ValueError(f"faces must be uint8 [{len(indices)}, h, w, 3], got {faces.dtype} {tuple(faces.shape)}")
+        cycle = self._cycle(indices)
+        frames = self.idle(cycle)
+        if isinstance(frames, np.ndarray):
+            faces = faces.cpu().numpy()
+        else:
+            faces = faces.to(self.device)
+        return composite(frames, faces, [self.face_boxes[i] for i in cycle], [self.masks[i] for i in cycle],
+                         [self.crop_boxes[i] for i in cycle], sharpen=self.sharpen, out=frames)

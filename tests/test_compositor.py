@@ -1,0 +1,57 @@
+"""The compositor: an avatar's frames with faces pasted in, on the CPU (and CUDA when present)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lipstream.avatar.model import Avatar
+from lipstream.imgproc import composite
+from lipstream.stream.compositor import Compositor
+
+
+@pytest.fixture(scope="module")
+def scene_avatar(make_scene) -> tuple[Avatar, list]:
+    scenes = [make_scene((360, 640), face_box=(250 + 4 * i, 80, 380 + 4 * i, 240), seed=i) for i in range(3)]
+    avatar = Avatar("t", "", None, frames=np.stack([s.frame for s in scenes]),
+                    face_boxes=np.int32([s.face_box for s in scenes]), crop_boxes=np.int32([s.crop_box for s in scenes]),
+                    masks=[s.mask for s in scenes], crops=np.stack([s.face for s in scenes]))
+    return avatar, scenes
+
+
+def test_compose_equals_imgproc_composite_per_frame_and_wraps_the_cycle(scene_avatar):
+    avatar, scenes = scene_avatar
+    comp = Compositor(avatar)
+    faces = torch.from_numpy(np.stack([scenes[2].face, scenes[0].face]))
+    out = comp.compose([5, 3], faces)  # cycle frames 2 and 0
+    for got, scene in zip(out, [scenes[2], scenes[0]]):
+        want = composite(scene.frame, scene.face, scene.face_box, scene.mask, scene.crop_box)
+        assert np.array_equal(got, want)
+    assert not np.array_equal(out[0], avatar.frames[2])
+    assert np.array_equal(avatar.frames[2], scenes[2].frame), "the avatar's frames must stay untouched"
+
+
+def test_idle_is_a_copy_of_the_avatar_frames(scene_avatar):
+    avatar, _ = scene_avatar
+    idle = Compositor(avatar).idle([1, 4])
+    assert np.array_equal(idle, avatar.frames[[1, 1]])
+    idle[:] = 0
+    assert avatar.frames[1].any()
+
+
+def test_compose_rejects_wrong_faces(scene_avatar):
+    with pytest.raises(ValueError, match="faces must be uint8"):
+        Compositor(scene_avatar[0]).compose([0], torch.zeros(2, 256, 256, 3, dtype=torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compositor_matches_cpu(scene_avatar):
+    avatar, scenes = scene_avatar
+    faces = torch.from_numpy(np.stack([s.face for s in scenes]))
+    cpu = Compositor(avatar).compose([0, 1, 2], faces)
+    gpu = Compositor(avatar, "cuda").compose([0, 1, 2], faces.cuda())
+    assert gpu.device.type == "cuda"
+    diff = np.abs(gpu.cpu().numpy().astype(int) - cpu.astype(int))
+    assert diff.max() <= 7 and (diff > 1).mean() < 0.005
