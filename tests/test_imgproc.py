@@ -231,6 +231,22 @@ def test_composite_numpy_bit_exact_with_original_1080p(make_scene):
     assert np.array_equal(out, ref)
 
 
+@pytest.mark.parametrize("band", [(0, 0), (200, 201), (0, 360), (350, 360), (5, 120)])
+def test_composite_numpy_bit_exact_when_the_mask_reaches_only_some_rows(make_scene, band):
+    """The NumPy path sharpens and blends only the rows the mask reaches: any band must still give
+    the original's result (including bands at the face box's top and bottom edges, and none)."""
+    scene = make_scene(frame_hw=(720, 1280), face_box=(500, 150, 760, 510))
+    rng = np.random.default_rng(band[0])
+    mask = np.zeros_like(scene.mask)
+    top = 150 - scene.crop_box[1]
+    mask[top + band[0]:top + band[1]] = rng.integers(0, 256, mask[top + band[0]:top + band[1]].shape)
+    ref = original.postprocess(scene.frame, scene.face, scene.face_box, mask, scene.crop_box)
+    out = imgproc.composite(scene.frame, scene.face, scene.face_box, mask, scene.crop_box)
+    assert np.array_equal(out, ref)
+    if band[0] == band[1]:
+        assert np.array_equal(out, scene.frame)
+
+
 def test_composite_torch_within_contract_of_original(make_scene):
     """Resize is within 1 LSB of OpenCV; the unsharp gain (2.2) and threshold flips can amplify that.
     Contract: at most 7 LSB, on at most 0.5% of the face box's values; nothing outside it."""

@@ -66,12 +66,40 @@ def blend_into(frame: np.ndarray, face: np.ndarray, face_box: Box, mask: np.ndar
     dst[...] = t
 
 
+def mask_rows(face_box: Box, mask: np.ndarray, crop_box: Box) -> tuple[int, int] | None:
+    """Rows [r0, r1) of the face box (0 = its top row) where `mask` is non-zero, or None.
+
+    Elsewhere the blend is the identity: with mask 0, PIL's rounding gives back the frame exactly.
+    MuseTalk's masks cover the lower half of the face box, so this halves the work below."""
+    x1, y1, x2, y2 = face_box
+    xs, ys = crop_box[0], crop_box[1]
+    top, bottom = max(0, y1 - ys), min(mask.shape[0], y2 - ys)
+    left, right = max(0, x1 - xs), min(mask.shape[1], x2 - xs)
+    if bottom <= top or right <= left:
+        return None
+    rows = np.flatnonzero(mask[top:bottom, left:right].any(axis=1))
+    if rows.size == 0:
+        return None
+    offset = top - (y1 - ys)
+    return offset + int(rows[0]), offset + int(rows[-1]) + 1
+
+
 def composite_one(frame: np.ndarray, face: np.ndarray, face_box: Box, mask: np.ndarray, crop_box: Box,
                   sharpen_params: tuple[int, float, float, float] | None) -> None:
     """Resize `face` (uint8 [fh,fw,C], any size) to the face box, optionally unsharp it
-    (ksize, sigma, amount, threshold), and blend it into `frame` in place."""
-    h, w = face_box[3] - face_box[1], face_box[2] - face_box[0]
-    resized = resize(face, (h, w), "bilinear")
+    (ksize, sigma, amount, threshold), and blend it into `frame` in place.
+
+    Only the rows the mask reaches are sharpened and blended; the sharpening reads `ksize // 2`
+    rows beyond them, so the result is bit-identical to processing the whole face box."""
+    rows = mask_rows(face_box, mask, crop_box)
+    if rows is None:
+        return
+    (r0, r1), (x1, y1, x2, y2) = rows, face_box
+    resized = resize(face, (y2 - y1, x2 - x1), "bilinear")
     if sharpen_params:
-        resized = unsharp_mask(resized, *sharpen_params)
-    blend_into(frame, resized, face_box, mask, crop_box)
+        pad = sharpen_params[0] // 2
+        a, b = max(0, r0 - pad), min(y2 - y1, r1 + pad)
+        resized = unsharp_mask(resized[a:b], *sharpen_params)[r0 - a:r1 - a]
+    else:
+        resized = resized[r0:r1]
+    blend_into(frame, resized, (x1, y1 + r0, x2, y1 + r1), mask, crop_box)
