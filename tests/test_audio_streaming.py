@@ -124,3 +124,23 @@ def test_invalid_settings(whisper):
             StreamingFeatures(encoder, extractor, **bad)
     with pytest.raises(ValueError):
         StreamingFeatures(encoder, extractor).push(np.zeros((2, 320), np.float32))
+
+
+def test_bench_compares_generated_faces_with_musetalk_weights(tmp_path, monkeypatch, capsys):
+    """`bench audio-streaming --faces N` runs MuseTalk on streamed vs offline features (tiny weights here)."""
+    import argparse
+
+    from lipstream.bench import audio_streaming
+    from musetalk_tiny import write_tiny_musetalk
+
+    write_tiny_musetalk(tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    audio_streaming.add_arguments(parser)
+    args = parser.parse_args(["--faces", "2", "--models", str(tmp_path / "models"), "--seconds", "0.6",
+                              "--lead-seconds", "0.4", "--contexts", "full", "--lookaheads", "40",
+                              "--placements", "segment", "--step-sweep", "200"])
+    rows = audio_streaming.run(args)
+    default = next(r for r in rows if "face_rel_l2" in r)
+    assert default["faces"] == 2 and default["face_rel_l2"] >= 0 and default["face_mean_abs_diff"] >= 0
+    assert "faces at the defaults" in capsys.readouterr().out

@@ -11,7 +11,10 @@ and the encoder pass time. Two placements of the context in the 30 s encoder inp
   Whisper's absolute positional embedding under every step.
 
 Without `--whisper-dir` the encoder is a random-init whisper-tiny (same shapes, no weights), so
-the distances are only indicative; real-weight figures have to be measured with the weights."""
+the distances are only indicative; real-weight figures have to be measured with the weights.
+`--faces N` (needs the MuseTalk weights under `--models`, whose whisper is then used) also generates
+the first N measured frames from streamed and from offline features with the same avatar latents
+(random crops) and reports the faces' relative L2 and mean absolute difference (0..255)."""
 
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-sweep", default="40,80,120,200",
                         help="pass grids to time at the default context and look-ahead")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faces", type=int, default=0,
+                        help="also compare N generated faces at the defaults (needs the MuseTalk weights)")
+    parser.add_argument("--models", default=None, help="MuseTalk models root for --faces (default LIPSTREAM_MODELS)")
 
 
 def speech_like(seconds: float, seed: int = 0, sample_rate: int = 16000) -> np.ndarray:
@@ -126,6 +132,16 @@ def _rel_l2(streamed: torch.Tensor, offline: torch.Tensor) -> tuple[float, float
     return total, worst
 
 
+def _face_difference(engine, streamed: torch.Tensor, offline: torch.Tensor, seed: int) -> dict:
+    """Faces from streamed vs offline features [N, 50, 384] with the same latents (random crops)."""
+    rng = np.random.default_rng(seed)
+    crops = rng.integers(0, 256, (streamed.shape[0], 256, 256, 3), dtype=np.uint8)
+    latents = engine.avatar_latents(crops, generator=torch.Generator(engine.device).manual_seed(seed))
+    a, b = engine.faces(latents, streamed).float(), engine.faces(latents, offline).float()
+    return {"faces": streamed.shape[0], "face_rel_l2": float((a - b).norm() / b.norm()),
+            "face_mean_abs_diff": float((a - b).abs().mean())}
+
+
 def _load_models(args: argparse.Namespace):
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -134,20 +150,28 @@ def _load_models(args: argparse.Namespace):
     from lipstream.models.whisper import WHISPER_TINY_CONFIG, load_feature_extractor, load_whisper_encoder
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.faces:
+        from lipstream.engines.musetalk import MuseTalkEngine
+        from lipstream.models.layout import models_root
+
+        engine = MuseTalkEngine.load(args.models, device=device, dtype=dtype)
+        m = engine.models
+        return m.whisper_encoder, m.feature_extractor, f"MuseTalk weights from {models_root(args.models)}", engine
     if args.whisper_dir:
         encoder = load_whisper_encoder(args.whisper_dir, device, dtype)
-        return encoder, load_feature_extractor(args.whisper_dir), f"whisper weights from {args.whisper_dir}"
+        return encoder, load_feature_extractor(args.whisper_dir), f"whisper weights from {args.whisper_dir}", None
     torch.manual_seed(args.seed)
     encoder = for_inference(WhisperEncoder(WhisperConfig(**WHISPER_TINY_CONFIG)), device, dtype)
-    return encoder, WhisperFeatureExtractor(), "RANDOM whisper-tiny-shaped encoder (no weights): indicative only"
+    return (encoder, WhisperFeatureExtractor(), "RANDOM whisper-tiny-shaped encoder (no weights): indicative only",
+            None)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     from lipstream.audio import StreamingFeatures, audio_features, load_audio
-    from lipstream.audio.streaming import DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_MS
+    from lipstream.audio.streaming import DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_MS, DEFAULT_STEP_MS
     from lipstream.bench.report import format_table, write_results
 
-    encoder, extractor, weights = _load_models(args)
+    encoder, extractor, weights, engine = _load_models(args)
     total_samples = int((args.lead_seconds + args.seconds) * 16000)
     if args.audio:
         audio = load_audio(args.audio)[:total_samples]
@@ -167,12 +191,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                                       lookahead_ms=lookahead, step_ms=step)
         streamed, first, delays, pass_seconds = _stream(streamer, audio, lead, args.fps)
         total, worst = _rel_l2(streamed, offline[first:])
+        faces = {}
+        if engine is not None and (placement, context, lookahead, step) == (
+                "segment", DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_MS, DEFAULT_STEP_MS):
+            n = min(args.faces, streamed.shape[0])
+            faces = _face_difference(engine, streamed[:n], offline[first:first + n], args.seed)
+            print(f"  faces at the defaults: rel L2 {faces['face_rel_l2']:.2e}, "
+                  f"mean |diff| {faces['face_mean_abs_diff']:.2f} / 255 over {n} frames", flush=True)
         pass_ms = 1e3 * statistics.median(pass_seconds) if pass_seconds else None
         return {"placement": placement, "context_s": context, "lookahead_ms": lookahead, "step_ms": step,
                 "rel_l2": total, "worst_frame_rel_l2": worst, "passes": streamer.passes,
                 "mean_delay_ms": statistics.mean(delays) if delays else None,
                 "max_delay_ms": max(delays) if delays else None, "pass_ms": pass_ms,
-                "pass_per_step": pass_ms / step if pass_ms else None}
+                "pass_per_step": pass_ms / step if pass_ms else None, **faces}
 
     rows = []
     for placement in args.placements.split(","):
