@@ -46,7 +46,14 @@ def unsharp_mask(img: np.ndarray, ksize: int, sigma: float, amount: float, thres
 def blend_into(frame: np.ndarray, face: np.ndarray, face_box: Box, mask: np.ndarray, crop_box: Box) -> None:
     """Composite one face into one frame in place, over the face box only, with PIL's rounding.
 
-    frame: uint8 [H,W,C]; face: uint8 [fh,fw,C] at the face-box size; mask: uint8 [ch,cw] crop-box sized."""
+    frame: uint8 [H,W,C]; face: uint8 [fh,fw,C] at the face-box size; mask: uint8 [ch,cw] crop-box sized.
+    Only the face box's rows that the mask reaches are touched (elsewhere the blend is the identity)."""
+    rows = mask_rows(face_box, mask, crop_box)
+    if rows is None:
+        return
+    if rows != (0, face_box[3] - face_box[1]):
+        face = face[rows[0]:rows[1]]
+        face_box = (face_box[0], face_box[1] + rows[0], face_box[2], face_box[1] + rows[1])
     region = blend_region(face_box, crop_box, frame.shape[0], frame.shape[1])
     if region is None:
         return
