@@ -40,6 +40,15 @@ def test_idle_is_a_copy_of_the_avatar_frames(scene_avatar):
     assert avatar.frames[1].any()
 
 
+def test_frame_is_a_read_only_view_of_the_cycle_frame(scene_avatar):
+    avatar, _ = scene_avatar
+    view = Compositor(avatar).frame(4)  # cycle frame 1
+    assert np.shares_memory(view, avatar.frames) and np.array_equal(view, avatar.frames[1])
+    with pytest.raises(ValueError, match="read-only"):
+        view[0, 0] = 0
+    assert avatar.frames.flags.writeable
+
+
 def test_compose_rejects_wrong_faces(scene_avatar):
     with pytest.raises(ValueError, match="faces must be uint8"):
         Compositor(scene_avatar[0]).compose([0], torch.zeros(2, 256, 256, 3, dtype=torch.uint8))

@@ -7,11 +7,14 @@ import argparse
 import logging
 import sys
 
-from lipstream import __version__
+from lipstream import __version__, demo
+from lipstream.avatar import cli as avatars_cli
 from lipstream.bench import cli as bench_cli
 from lipstream.models import cli as models_cli
+from lipstream.server import serve as serve_cli
+from lipstream.stream import render_cli
 
-COMMAND_GROUPS = [bench_cli, models_cli]
+COMMAND_GROUPS = [avatars_cli, bench_cli, models_cli, render_cli, serve_cli, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,10 @@ class AudioTooLongError(AudioError):
     """The input is longer than the allowed maximum duration."""
 
 
+class AudioTooShortError(AudioError):
+    """The input is shorter than one video frame, so there is nothing to render."""
+
+
 class WeightsError(LipstreamError):
     """Base class of the model-weights errors (`lipstream models ...`)."""
 
@@ -51,3 +55,97 @@ class ChecksumMismatchError(WeightsError):
 
 class IncompatibleWeightsError(WeightsError):
     """A weights file does not fit the network built from its config (missing, unexpected or resized tensors)."""
+
+
+class OutputPathError(LipstreamError):
+    """A render output path cannot be used (unsupported suffix, a file where a folder is needed, a
+    folder holding other files)."""
+
+
+class TextToSpeechError(LipstreamError):
+    """Text could not be turned into speech (espeak-ng is not installed, or it failed)."""
+
+
+class AvatarError(LipstreamError):
+    """Base class of the avatar errors (`lipstream avatars ...`)."""
+
+
+class AvatarNameError(AvatarError):
+    """An avatar name or tenant key is not allowed (characters, empty, or it would leave the avatars root)."""
+
+
+class AvatarNotFoundError(AvatarError):
+    """No avatar of that name (for that tenant) under the avatars root."""
+
+
+class AvatarExistsError(AvatarError):
+    """An avatar of that name exists already and overwriting was not asked for."""
+
+
+class AvatarSourceNotFoundError(AvatarError):
+    """The video or photo to prepare an avatar from does not exist."""
+
+
+class AvatarSourceUnreadableError(AvatarError):
+    """The video or photo cannot be decoded (corrupt, truncated, not a video/image, no video stream)."""
+
+
+class AvatarSourceTooLongError(AvatarError):
+    """The video is longer than the allowed maximum duration."""
+
+
+class NoFaceError(AvatarError):
+    """No frame of the input shows a face the landmark detector finds."""
+
+
+class AvatarCorruptError(AvatarError):
+    """A stored avatar folder is incomplete or damaged (missing or unreadable files, counts that do not
+    match, checksum mismatch), or is not a MuseTalk avatar folder at all."""
+
+
+class SettingsError(LipstreamError):
+    """A setting (config file, LIPSTREAM_* env var or flag) is unknown or has a value it cannot take."""
+
+
+class ServerError(LipstreamError):
+    """Base class of the errors of the server's API (sessions, jobs, uploads)."""
+
+
+class SessionNotFoundError(ServerError):
+    """No open session of that id for the caller's tenant (closed, expired, or another tenant's)."""
+
+
+class SessionLimitError(ServerError):
+    """The API key has as many open sessions as it may have."""
+
+
+class SessionBusyError(ServerError):
+    """The session already has a viewer (one WebSocket or WebRTC connection per session)."""
+
+
+class JobNotFoundError(ServerError):
+    """No avatar job of that id for the caller's tenant."""
+
+
+class UploadTooLargeError(ServerError):
+    """A request body is larger than the server accepts."""
+
+
+class BadRequestError(ServerError):
+    """A request is malformed (wrong content type, missing field, bad JSON, unknown message type)."""
+
+
+class NotReadyError(ServerError):
+    """The server is still loading its engine and avatars."""
+
+
+class StreamError(LipstreamError):
+    """Base class of the errors of a live session (stream/session.py)."""
+
+
+class QueueFullError(StreamError):
+    """A session holds as much queued speech as it may (max_queue_s): audio is coming faster than it plays."""
+
+
+class SessionClosedError(StreamError):
+    """The session was closed; open a new one."""

@@ -1,6 +1,9 @@
 """Avatars: everything that depends only on the face video, prepared once and reused by every session.
 
-`model.Avatar` is the in-memory form every stage reads (frames, boxes, masks, engine material)."""
+`model.Avatar` is the in-memory form every stage reads (frames, boxes, masks, engine material).
+`prepare.prepare_avatar` makes one from a video or a photo; `store` loads, lists, saves, imports
+(MuseTalk folders) and deletes them; `layout` says where they live, `folder` which files they hold;
+`geometry`, `masks` and `landmarks` are MuseTalk v1.5's face geometry on MediaPipe landmarks."""
 
 from lipstream.avatar.model import Avatar
 

@@ -23,7 +23,7 @@ class Avatar:
     masks: N uint8 [ch, cw] blend masks, crop-box sized.
     crops: uint8 [N, 256, 256, 3] BGR face-box crops (Lanczos), the engines' reference image.
     landmarks: float32 [N, 478, 2] MediaPipe face-mesh points in frame pixels (x, y), or None
-      (avatars imported from MuseTalk have none).
+      (a MuseTalk folder read as it is, or imported without landmarks).
     latents: MuseTalk material [N, 8, 32, 32] (masked, reference), or None when prepared without the VAE.
     fps: the cycle's frame rate. meta: the manifest (version, source, checksums, ...)."""
 
@@ -42,6 +42,16 @@ class Avatar:
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory of the per-frame data (frames, masks, crops, landmarks, latents), in bytes."""
+        arrays = [self.frames, self.face_boxes, self.crop_boxes, self.crops, *self.masks]
+        if self.landmarks is not None:
+            arrays.append(self.landmarks)
+        unique = {id(a): a.nbytes for a in arrays}  # masks shared by mirrored frames count once
+        latents = 0 if self.latents is None else self.latents.numel() * self.latents.element_size()
+        return sum(unique.values()) + latents
 
     @property
     def frame_size(self) -> tuple[int, int]:

@@ -50,6 +50,16 @@ class Compositor:
             return self.frames[cycle]
         return self.frames[torch.tensor(cycle, device=self.device)]
 
+    def frame(self, index: int) -> np.ndarray | torch.Tensor:
+        """Cycle frame `index` without a copy, uint8 [H, W, 3] BGR: a read-only view (np.ndarray) on
+        the CPU, a view of the resident tensor on a CUDA device (do not write to it)."""
+        i = int(index) % len(self)
+        if isinstance(self.frames, np.ndarray):
+            view = self.frames[i]
+            view.flags.writeable = False
+            return view
+        return self.frames[i]
+
     def compose(self, indices: Sequence[int], faces: torch.Tensor) -> Frames:
         """indices: [B] frame indices; faces: uint8 [B, 256, 256, 3] BGR from an engine (any device).
 

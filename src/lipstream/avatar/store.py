@@ -1,0 +1,254 @@
+"""The avatar store: load, list, save, import and delete avatars under the avatars root.
+
+Layout and names: see `lipstream.avatar.layout`; files: see `lipstream.avatar.folder`.
+Every write builds the whole folder under a hidden temporary name beside it (`.tmp-<name>-<random>`)
+and renames it into place at the end, so a failed or interrupted run leaves no half-made avatar;
+an existing avatar is replaced only when asked (`overwrite=True`), and then in one rename.
+
+Memory of a loaded avatar, per cycle frame (a video of N frames has a cycle of 2N):
+H*W*3 bytes of frame (2.8 MB at 720p, 6.2 MB at 1080p), the mask (2s x 2s bytes, s ~ 0.75x the face
+box's larger side), the 256x256x3 crop (196 kB), the landmarks (3.8 kB) and the latents (16 kB in fp16).
+`Avatar.nbytes` gives the total."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+
+from lipstream import __version__
+from lipstream.avatar.folder import FolderWriter, read_folder, read_manifest, write_material
+from lipstream.avatar.layout import FULL_IMGS, LATENTS, avatar_dir, clean_name, clean_tenant, tenant_dir
+from lipstream.avatar.model import Avatar
+from lipstream.errors import AvatarError, AvatarExistsError, AvatarNotFoundError
+
+log = logging.getLogger(__name__)
+
+AvatarRef = str | os.PathLike
+
+
+def musetalk_info(name: str, source: str) -> dict:
+    """avator_info.json as MuseTalk writes it (v1.5 ignores bbox_shift: 0)."""
+    return {"avatar_id": name, "video_path": source, "bbox_shift": 0, "version": "v15"}
+
+
+def base_manifest(name: str, tenant: str, fps: float, source: dict, faceless_frames: list[int]) -> dict:
+    """The manifest fields every writer sets (write_material adds counts and checksums).
+    faceless_frames: the cycle frames that carry their nearest face frame's box (no face of their own)."""
+    return {"lipstream": __version__, "name": name, "tenant": tenant,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "fps": float(fps), "source": source,
+            "faceless_frames": [int(i) for i in faceless_frames]}
+
+
+def _refuse_existing(dest: Path) -> None:
+    raise AvatarExistsError(f"avatar {dest.name!r} exists already ({dest}); choose another name, "
+                            "or replace it with --force (overwrite=True)")
+
+
+@contextmanager
+def staged_folder(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `dest` to build an avatar in. On a normal exit it becomes
+    `dest` (replacing an existing one only when `overwrite`); on any exception, including Ctrl-C, it
+    is deleted and `dest` is left as it was."""
+    if dest.exists() and not overwrite:
+        _refuse_existing(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    build = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    build.mkdir()
+    try:
+        yield build
+        if dest.exists():
+            if not overwrite:
+                _refuse_existing(dest)
+            old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+            os.rename(build, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.rename(build, dest)
+            except OSError:  # made meanwhile by another writer (a folder cannot replace a non-empty one)
+                _refuse_existing(dest)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+def _resolve(ref: AvatarRef, tenant: str | None, root: str | os.PathLike | None) -> tuple[Path, str, str]:
+    """(folder, name, tenant) of a name, or of a path (a PathLike, or a str holding a path separator)."""
+    if isinstance(ref, os.PathLike) or os.sep in ref or (os.altsep and os.altsep in ref):
+        folder = Path(ref)
+        return folder, folder.name.strip(), ""
+    tenant = clean_tenant(tenant)
+    return avatar_dir(ref, tenant, root), clean_name(ref), tenant
+
+
+def load_avatar(ref: AvatarRef, *, tenant: str | None = None, root: str | os.PathLike | None = None,
+                verify: bool = False) -> Avatar:
+    """An avatar by name (under the root, for `tenant`), or by path (a PathLike, or a str with a
+    path separator: ours or a MuseTalk `results/v15/avatars/<id>` folder as it is).
+
+    verify: compare every file with the manifest's sha256 first (reads the whole folder twice).
+    Raises AvatarNameError, AvatarNotFoundError, AvatarCorruptError."""
+    folder, name, tenant = _resolve(ref, tenant, root)
+    if not folder.is_dir():
+        where = f"tenant {tenant!r}" if tenant else "the default tenant"
+        raise AvatarNotFoundError(f"no avatar {str(ref).strip()!r} for {where} ({folder}); "
+                                  "see `lipstream avatars list`, or prepare it with `lipstream avatars prepare`")
+    return read_folder(folder, name, tenant, verify=verify)
+
+
+def save_avatar(avatar: Avatar, *, name: str | None = None, tenant: str | None = None,
+                root: str | os.PathLike | None = None, overwrite: bool = False, source: dict | None = None) -> Path:
+    """Write an in-memory avatar to the store (atomically) and return its folder. `name`/`tenant`
+    default to the avatar's; `source` describes where it came from, for the manifest. The avatar's
+    name, tenant, path and meta are updated. Crops are not stored: loading recomputes them from the
+    frames and face boxes (`geometry.crop_face`), as preparation made them."""
+    name = clean_name(name or avatar.name)
+    tenant = clean_tenant(avatar.tenant if tenant is None else tenant)
+    dest = avatar_dir(name, tenant, root)
+    source = source or avatar.meta.get("source") or {"kind": "memory"}
+    with staged_folder(dest, overwrite) as build, FolderWriter(build) as writer:
+        manifest = base_manifest(name, tenant, avatar.fps, source, avatar.meta.get("faceless_frames", []))
+        avatar.meta = write_material(writer, avatar, musetalk_info(name, str(source.get("path", ""))), manifest)
+    avatar.name, avatar.tenant, avatar.path = name, tenant, dest
+    return dest
+
+
+def import_avatar(musetalk_dir: str | os.PathLike, name: str | None = None, *, tenant: str | None = None,
+                  root: str | os.PathLike | None = None, fps: float = 25.0, overwrite: bool = False,
+                  landmarks: bool = True, progress: bool = True) -> Avatar:
+    """Copy a MuseTalk avatar folder (`results/v15/avatars/<id>`) into the store, fixing what MuseTalk
+    leaves broken (placeholder boxes, latents out of step, 3-channel masks; see `folder`).
+
+    name: default the folder's name (whitespace/CR stripped). landmarks: find the face-mesh points of
+    every frame (MuseTalk has none; the warp engine needs them). Returns the stored Avatar."""
+    from lipstream.avatar.detect import detect_landmarks
+
+    source = Path(musetalk_dir)
+    name = clean_name(name if name is not None else source.name)
+    if not source.is_dir():
+        raise AvatarNotFoundError(f"{source} is not a folder; give a MuseTalk avatar folder "
+                                  "such as results/v15/avatars/<avatar_id>")
+    if avatar_dir(name, tenant, root).exists() and not overwrite:
+        _refuse_existing(avatar_dir(name, tenant, root))
+    avatar = read_folder(source, name, clean_tenant(tenant))
+    avatar.fps = float(fps)
+    if landmarks and avatar.landmarks is None:
+        avatar.landmarks = detect_landmarks(avatar.frames, progress=progress, label=name)
+        if avatar.landmarks is None:
+            log.warning("no face landmarks found in %s; the avatar is imported without them", source)
+    save_avatar(avatar, tenant=tenant, root=root, overwrite=overwrite, source={"kind": "musetalk", "path": str(source)})
+    return avatar
+
+
+def delete_avatar(name: str, *, tenant: str | None = None, root: str | os.PathLike | None = None) -> Path:
+    """Delete an avatar's folder (renamed away first, so it disappears at once). Returns the old path."""
+    folder = avatar_dir(name, tenant, root)
+    if not folder.is_dir():
+        raise AvatarNotFoundError(f"no avatar {name.strip()!r} to delete ({folder})")
+    trash = folder.parent / f".del-{folder.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, trash)
+    shutil.rmtree(trash)
+    return folder
+
+
+@dataclass(frozen=True)
+class AvatarSummary:
+    """What `list` and `show` print, read without loading the frames."""
+
+    name: str
+    tenant: str
+    path: Path
+    cycle_frames: int
+    frame_size: tuple[int, int] | None  # (height, width)
+    fps: float
+    latents: bool
+    landmarks: bool
+    source: str
+    created: str | None
+    disk_bytes: int
+
+
+def _disk_bytes(folder: Path) -> int:
+    seen, total = set(), 0
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        st = path.stat()
+        if (st.st_dev, st.st_ino) not in seen:  # hard links count once
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def summarize(folder: Path, name: str, tenant: str) -> AvatarSummary:
+    """Summary of one avatar folder, from its manifest (or file counts for a MuseTalk folder)."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        source = manifest.get("source", {})
+        return AvatarSummary(name, tenant, folder, int(manifest["cycle_frames"]), tuple(manifest["frame_size"]),
+                             float(manifest["fps"]), bool(manifest["latents"]), bool(manifest["landmarks"]),
+                             f"{source.get('kind', '?')}: {source.get('path', '')}", manifest.get("created"),
+                             _disk_bytes(folder))
+    frames = sorted((folder / FULL_IMGS).glob("*.png"))
+    first = cv2.imread(os.fspath(frames[0])) if frames else None
+    return AvatarSummary(name, tenant, folder, len(frames), None if first is None else first.shape[:2], 25.0,
+                         (folder / LATENTS).is_file(), False, "musetalk folder (not imported)", None,
+                         _disk_bytes(folder))
+
+
+def list_avatars(tenant: str | None = None, root: str | os.PathLike | None = None) -> list[AvatarSummary]:
+    """The tenant's avatars, by name (folders whose names are not valid avatar names are skipped)."""
+    tenant = clean_tenant(tenant)
+    base = tenant_dir(tenant, root)
+    out = []
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            out.append(summarize(folder, clean_name(folder.name), tenant))
+        except (AvatarError, OSError, ValueError, KeyError, TypeError) as exc:  # one bad folder hides no other
+            log.warning("skipping %s: %s", folder, exc)
+    return out
+
+
+class AvatarCache:
+    """Loaded avatars shared by every session: `get` loads an avatar once and hands out the same
+    object until its folder is replaced (prepare --force) or deleted. Thread-safe; loads are
+    serialised (one avatar loads at a time)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = root
+        self._lock = threading.Lock()
+        self._loaded: dict[tuple[str, str], tuple[tuple[int, int], Avatar]] = {}
+
+    def get(self, name: str, tenant: str | None = None) -> Avatar:
+        tenant = clean_tenant(tenant)
+        folder = avatar_dir(name, tenant, self.root)
+        key = (tenant, clean_name(name))
+        with self._lock:
+            try:
+                st = folder.stat()
+            except OSError:
+                self._loaded.pop(key, None)
+                return load_avatar(name, tenant=tenant, root=self.root)  # raises AvatarNotFoundError
+            stamp = (st.st_ino, st.st_mtime_ns)
+            cached = self._loaded.get(key)
+            if cached is None or cached[0] != stamp:
+                self._loaded[key] = (stamp, load_avatar(name, tenant=tenant, root=self.root))
+            return self._loaded[key][1]
+
+    def evict(self, name: str, tenant: str | None = None) -> None:
+        with self._lock:
+            self._loaded.pop((clean_tenant(tenant), clean_name(name)), None)
+

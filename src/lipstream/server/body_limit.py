@@ -1,0 +1,56 @@
+"""A cap on request bodies: larger ones get 413 before they are read in full (or at all).
+
+A declared Content-Length over the cap is refused at once; a body sent without one (chunked) is
+counted as it arrives, and reading it fails with 413 when it crosses the cap."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def _too_large_text(max_bytes: int) -> str:
+    return (f"the request body is larger than the {max_bytes} bytes this server accepts "
+            "(setting max_upload_bytes); send a smaller file")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a handler reads the body (FastAPI passes HTTPExceptions through body parsing)."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, _too_large_text(max_bytes))
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware around the app: counts every HTTP request body against `max_bytes`."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            body = json.dumps({"detail": _too_large_text(self.max_bytes)}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)

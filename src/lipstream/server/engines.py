@@ -1,0 +1,84 @@
+"""The server's engines: loaded once, each with the one scheduler that batches all its sessions.
+
+The default engine (setting `engine`) loads at start; a session may ask for another by name, which
+then loads on first use and stays."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lipstream.config import Settings
+from lipstream.engines.base import Engine
+from lipstream.engines.select import load_engine
+from lipstream.stream.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def load_engine_for(settings: Settings, name: str) -> tuple[Engine, str]:
+    """`load_engine(name)` on the settings' models root, device and dtype: (engine, why it runs)."""
+    device = None if settings.device == "auto" else settings.device
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    return load_engine(name, settings.models_root, device, dtype)
+
+
+@dataclass
+class EngineSlot:
+    """An engine, why it runs (one line), and its scheduler."""
+
+    engine: Engine
+    reason: str
+    scheduler: Scheduler
+
+
+class EngineHub:
+    """engine: an engine loaded already, the default instead of loading the one the settings name;
+    reason: why it runs."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None, reason: str | None = None):
+        self.settings = settings
+        self._given = engine
+        self._given_reason = reason
+        self._slots: dict[str, EngineSlot] = {}
+        self._lock = asyncio.Lock()
+        self.default: EngineSlot | None = None
+
+    def _start(self, engine: Engine, reason: str) -> EngineSlot:
+        scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms)
+        scheduler.start()
+        slot = EngineSlot(engine, reason, scheduler)
+        self._slots[engine.name] = slot
+        return slot
+
+    async def start(self) -> EngineSlot:
+        """Load (unless given) and start the default engine."""
+        if self._given is not None:
+            self.default = self._start(self._given, self._given_reason or f"engine {self._given.name}: given")
+        else:
+            engine, reason = await asyncio.to_thread(load_engine_for, self.settings, self.settings.engine)
+            log.info("%s", reason)
+            self.default = self._start(engine, reason)
+        return self.default
+
+    async def get(self, name: str = "auto") -> EngineSlot:
+        """The engine `name` ("auto": the default), loading it on first use. Raises what `load_engine`
+        raises (MissingWeightsError for musetalk without its weights)."""
+        if self.default is None:
+            raise RuntimeError("the engines are not started")
+        if name == "auto" or name == self.default.engine.name:
+            return self.default
+        async with self._lock:
+            if name not in self._slots:
+                engine, reason = await asyncio.to_thread(load_engine_for, self.settings, name)
+                log.info("%s", reason)
+                self._start(engine, reason)
+            return self._slots[name]
+
+    async def aclose(self) -> None:
+        for slot in self._slots.values():
+            await slot.scheduler.aclose()
+        self._slots.clear()

@@ -1,0 +1,118 @@
+"""Avatar preparation as background jobs: an uploaded video or photo becomes an avatar while the
+server keeps streaming. Jobs run one at a time on a worker thread, so preparing never takes more
+than one core from the sessions; `GET /api/jobs/{id}` reports status and progress."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lipstream.avatar.layout import avatar_dir, clean_name
+from lipstream.avatar.prepare import prepare_avatar
+from lipstream.errors import AvatarExistsError, JobNotFoundError, LipstreamError
+
+log = logging.getLogger(__name__)
+
+KEEP_FINISHED_S = 3600.0  # finished jobs stay visible this long
+
+
+@dataclass
+class Job:
+    """status: "queued", "running", "done" or "failed". progress: 0..1 (frames read, then latents).
+    error: the reason of a failed job, written for the user."""
+
+    id: str
+    tenant: str
+    avatar: str
+    kind: str
+    status: str = "queued"
+    progress: float = 0.0
+    stage: str = ""
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def public(self) -> dict:
+        return {"id": self.id, "avatar": self.avatar, "kind": self.kind, "status": self.status,
+                "progress": round(self.progress, 3), "stage": self.stage, "error": self.error,
+                "created": self.created, "finished": self.finished}
+
+
+class AvatarJobs:
+    """root/models_root/device: where avatars go, where the VAE is (for MuseTalk latents), and where
+    it runs. A new avatar is usable at once: the server loads avatars on first use, and reloads one
+    whose folder was replaced."""
+
+    def __init__(self, root: Path, models_root: Path, device: str | None):
+        self.root = root
+        self.models_root = models_root
+        self.device = device
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._uploads = Path(tempfile.mkdtemp(prefix="lipstream-uploads-"))
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lipstream-prepare")
+
+    def upload_path(self, filename: str) -> Path:
+        """A fresh path to save an upload to (keeps the file's suffix: the decoder looks at it)."""
+        return self._uploads / f"{uuid.uuid4().hex}{Path(filename).suffix.lower()[:10]}"
+
+    def submit(self, tenant: str, name: str, source: Path, kind: str, *, fps: float, overwrite: bool) -> Job:
+        """Queue preparing avatar `name` from the file `source` (a "video" or a "photo"); the file is
+        deleted when the job ends. Raises AvatarNameError, AvatarExistsError at once."""
+        name = clean_name(name)
+        if not overwrite and avatar_dir(name, tenant, self.root).exists():
+            raise AvatarExistsError(f"avatar {name!r} exists already; choose another name, or send "
+                                    "overwrite=true to replace it")
+        job = Job(uuid.uuid4().hex[:16], tenant, name, kind)
+        with self._lock:
+            self._prune()
+            self._jobs[job.id] = job
+        self._executor.submit(self._run, job, source, fps, overwrite)
+        return job
+
+    def get(self, job_id: str, tenant: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None or job.tenant != tenant:
+            raise JobNotFoundError(f"no avatar job {job_id!r} (finished jobs are kept {KEEP_FINISHED_S:.0f} s)")
+        return job
+
+    def _prune(self) -> None:
+        now = time.time()
+        for job_id in [j.id for j in self._jobs.values() if j.finished and now - j.finished > KEEP_FINISHED_S]:
+            del self._jobs[job_id]
+
+    def _run(self, job: Job, source: Path, fps: float, overwrite: bool) -> None:
+        job.status = "running"
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            job.stage = stage
+            if total:  # frames: the first 90%, latents: the rest
+                job.progress = min(1.0, (0.0 if stage == "frames" else 0.9) +
+                                   (0.9 if stage == "frames" else 0.1) * done / total)
+
+        try:
+            media = {"video": source} if job.kind == "video" else {"image": source}
+            prepare_avatar(job.avatar, **media, tenant=job.tenant, root=self.root, fps=fps, overwrite=overwrite,
+                           models_root=self.models_root, device=self.device, progress=progress)
+            job.status, job.progress = "done", 1.0
+        except LipstreamError as exc:
+            job.status, job.error = "failed", str(exc)
+        except Exception as exc:  # reported to the user; the server goes on
+            log.exception("preparing avatar %r failed", job.avatar)
+            job.status, job.error = "failed", f"internal error while preparing the avatar: {exc}"
+        finally:
+            job.finished = time.time()
+            source.unlink(missing_ok=True)
+
+    def shutdown(self) -> None:
+        """Drop queued jobs; a running one finishes (its avatar is written whole or not at all)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._uploads, ignore_errors=True)

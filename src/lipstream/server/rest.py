@@ -1,0 +1,229 @@
+"""The REST API: avatars (list, upload -> background job, delete), sessions (create, list, close,
+audio, interrupt, stats) and the server's own state (health, readiness, metrics, client config).
+Every route but /health needs an API key (see `auth`)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
+from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
+from lipstream.server.auth import CallerDep
+from lipstream.server.registry import OpenSession
+from lipstream.server.viewer import output_size
+from lipstream.stream.session import Session
+
+router = APIRouter()
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+PCM_TYPES = {"application/octet-stream", "audio/l16", "audio/pcm"}
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+def _require_ready(request: Request) -> None:
+    state = _state(request)
+    if state.startup_error is not None:
+        raise NotReadyError(f"the server could not load its engine ({state.startup_error}); fix it and "
+                            "restart the server (the log says more)")
+    if not state.ready.is_set():
+        raise NotReadyError("the server is still loading its engine and avatars; retry in a few seconds "
+                            "(GET /ready says when it is done)")
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+@router.get("/health")
+async def health() -> dict:
+    """Alive (no key needed)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request, caller: CallerDep) -> JSONResponse:
+    """200 once the engine and the avatars are loaded, else 503 with what is missing."""
+    state = _state(request)
+    if state.startup_error is not None:
+        return JSONResponse({"ready": False, "error": state.startup_error}, status_code=503)
+    if not state.ready.is_set():
+        return JSONResponse({"ready": False, "loading": "engine and avatars"}, status_code=503)
+    slot = state.engines.default
+    return JSONResponse({"ready": True, "engine": slot.engine.name, "reason": slot.reason,
+                         "device": str(slot.engine.device), "avatars_loaded": state.avatars_loaded})
+
+
+@router.get("/metrics")
+async def metrics(caller: CallerDep) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/config")
+async def client_config(request: Request, caller: CallerDep) -> dict:
+    """What a client needs to connect: ICE servers, defaults, the caller's tenant."""
+    settings = _state(request).settings
+    return {"ice_servers": settings.ice_servers, "fps": settings.fps, "sample_rate": SAMPLE_RATE,
+            "tenant": caller.tenant, "max_upload_bytes": settings.max_upload_bytes,
+            "max_audio_seconds": settings.max_audio_seconds}
+
+
+# ---- avatars ---------------------------------------------------------------------------------------
+
+@router.get("/api/avatars")
+async def list_avatars(request: Request, caller: CallerDep) -> dict:
+    return {"avatars": await asyncio.to_thread(_state(request).avatars.list, caller.tenant)}
+
+
+@router.post("/api/avatars", status_code=202)
+async def create_avatar(request: Request, caller: CallerDep, file: Annotated[UploadFile, File()],
+                        name: Annotated[str, Form()], fps: Annotated[float, Form(gt=0, le=60)] = 25.0,
+                        kind: Annotated[Literal["auto", "video", "photo"], Form()] = "auto",
+                        overwrite: Annotated[bool, Form()] = False) -> dict:
+    """Prepare an avatar from an uploaded video or photo in the background; poll the returned job."""
+    jobs = _state(request).jobs
+    filename = file.filename or "upload"
+    if kind == "auto":
+        is_photo = (file.content_type or "").startswith("image/") or Path(filename).suffix.lower() in PHOTO_SUFFIXES
+        kind = "photo" if is_photo else "video"
+    path = jobs.upload_path(filename)
+    await asyncio.to_thread(_save_upload, file, path)
+    try:
+        job = jobs.submit(caller.tenant, name, path, kind, fps=fps, overwrite=overwrite)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return {"job": job.public(), "url": f"/api/jobs/{job.id}"}
+
+
+def _save_upload(file: UploadFile, path: Path) -> None:
+    with path.open("wb") as out:
+        shutil.copyfileobj(file.file, out, 1 << 20)
+
+
+@router.delete("/api/avatars/{name}", status_code=204)
+async def delete_avatar(name: str, request: Request, caller: CallerDep) -> None:
+    await _state(request).avatars.delete(name, caller.tenant)
+
+
+@router.get("/api/jobs/{job_id}")
+async def get_job(job_id: str, request: Request, caller: CallerDep) -> dict:
+    return _state(request).jobs.get(job_id, caller.tenant).public()
+
+
+# ---- sessions --------------------------------------------------------------------------------------
+
+class SessionRequest(BaseModel):
+    avatar: str = Field(description="name of one of the tenant's avatars")
+    fps: int | None = Field(None, ge=1, le=50, description="frame rate (default: setting fps)")
+    engine: Literal["auto", "musetalk", "warp"] = Field("auto", description='"auto": the server\'s engine')
+    output_height: int | None = Field(None, ge=0, le=4320, description="streamed frame height (default: "
+                                                                       "setting output_height; 0: the avatar's)")
+
+
+def describe_session(entry: OpenSession) -> dict:
+    return {"id": entry.id, "avatar": entry.avatar, "engine": entry.engine, "fps": entry.fps,
+            "width": entry.size[1], "height": entry.size[0], "sample_rate": SAMPLE_RATE, "viewer": entry.viewer,
+            "ws": f"/api/sessions/{entry.id}/ws", "offer": f"/api/sessions/{entry.id}/offer"}
+
+
+@router.post("/api/sessions", status_code=201)
+async def create_session(body: SessionRequest, request: Request, caller: CallerDep) -> dict:
+    """Open a session showing `avatar`; connect a viewer (WebSocket or WebRTC offer) to it next."""
+    _require_ready(request)
+    state = _state(request)
+    settings = state.settings
+    state.sessions.check_room(caller.key)
+    slot = await state.engines.get(body.engine)
+    avatar, compositor, material = await state.avatars.get(body.avatar, caller.tenant, slot.engine)
+    fps = body.fps or settings.fps
+    height = settings.output_height if body.output_height is None else body.output_height
+    session = Session(avatar, slot.engine, slot.scheduler, fps=fps, compositor=compositor, material=material,
+                      max_queue_s=settings.max_queued_audio_s)
+    entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps,
+                        output_size(avatar.frame_size, height), height)
+    try:
+        state.sessions.add(entry)
+    except BaseException:
+        session.close()
+        raise
+    return describe_session(entry)
+
+
+@router.get("/api/sessions")
+async def list_sessions(request: Request, caller: CallerDep) -> dict:
+    return {"sessions": [describe_session(e) for e in _state(request).sessions.for_tenant(caller.tenant)]}
+
+
+@router.delete("/api/sessions/{session_id}", status_code=204)
+async def close_session(session_id: str, request: Request, caller: CallerDep) -> None:
+    sessions = _state(request).sessions
+    await sessions.close(sessions.get(session_id, caller.tenant))
+
+
+@router.post("/api/sessions/{session_id}/audio")
+async def push_audio(session_id: str, request: Request, caller: CallerDep,
+                     end: Annotated[bool, Query(description="this audio ends the utterance")] = False,
+                     sample_rate: Annotated[int, Query(ge=8000, le=192000, description="rate of a raw PCM body")]
+                     = SAMPLE_RATE) -> dict:
+    """Speech for the session: a raw PCM16 LE mono body (Content-Type application/octet-stream or
+    audio/L16; `sample_rate`, default 16000), an audio file as the body (audio/wav, audio/mpeg, ...),
+    or a multipart form with the file in field `file`. `end=true` marks the end of the utterance
+    (an empty body with it only ends it)."""
+    state = _state(request)
+    entry = state.sessions.get(session_id, caller.tenant)
+    samples = await _read_audio(request, sample_rate, state.settings.max_audio_seconds)
+    if samples.size:
+        entry.session.push_audio(samples)
+    if end:
+        entry.session.end_speech()
+    return {"samples": int(samples.size), "seconds": samples.size / SAMPLE_RATE, "ended": end}
+
+
+async def _read_audio(request: Request, sample_rate: int, max_seconds: float) -> np.ndarray:
+    """The request's audio: float32 [n] (a file) or int16 [n] (16 kHz raw PCM), mono 16 kHz."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise BadRequestError("the multipart form needs the audio file in a field named `file`")
+        data, name = await upload.read(), upload.filename
+    else:
+        data, name = await request.body(), None
+    if not data:
+        return np.zeros(0, np.int16)
+    if content_type in PCM_TYPES or content_type == "":
+        if len(data) % 2:
+            raise BadRequestError(f"a PCM16 body has 2 bytes a sample; got {len(data)} bytes")
+        seconds = len(data) / 2 / sample_rate
+        if seconds > max_seconds:
+            raise AudioTooLongError(f"{seconds:.1f} s of audio in one request; at most {max_seconds:g} s "
+                                    "(setting max_audio_seconds): send it in parts")
+        if sample_rate == SAMPLE_RATE:
+            return np.frombuffer(data, "<i2").astype(np.int16)
+        return await asyncio.to_thread(decode_pcm16, data, sample_rate)
+    return await asyncio.to_thread(load_audio, data, max_seconds=max_seconds, name=name)
+
+
+@router.post("/api/sessions/{session_id}/interrupt")
+async def interrupt(session_id: str, request: Request, caller: CallerDep) -> dict:
+    """Drop the queued speech now; the avatar goes idle within two frames."""
+    _state(request).sessions.get(session_id, caller.tenant).session.interrupt()
+    return {"interrupted": True}
+
+
+@router.get("/api/sessions/{session_id}/stats")
+async def session_stats(session_id: str, request: Request, caller: CallerDep) -> dict:
+    entry = _state(request).sessions.get(session_id, caller.tenant)
+    return {**describe_session(entry), "stats": entry.session.stats()}

@@ -1,0 +1,438 @@
+"""A live session: one viewer's avatar, speaking the audio pushed to it, frame by frame on one clock.
+
+    push_audio(chunk) ... end_speech()        an utterance (int16/float32 16 kHz mono)
+      -> feature stream (scheduler's feature thread)   per-frame conditioning + energy gate
+      -> Scheduler.submit (frames within `ahead_s` of the clock, deadline = the frame's due time)
+      -> engine batch + compositing (scheduler threads)  -> the composited frame, ready
+    next_frame() / frames()                    OutputFrame k: image, the audio it carries, events
+
+Behaviour:
+- With no speech queued the avatar's idle cycle plays, untouched; the cycle position only moves on.
+- An utterance starts at the first frame at which its frame 0 has its features and its face, and its
+  audio starts on that same frame, so sound and mouth stay in step. The face is generated for the
+  cycle frame where the idle cycle is expected to be when it is ready (from the scheduler's recent
+  latency): if it is ready early, the start waits until the cycle gets there (nothing is shown
+  early); if it is late, the idle cycle holds on that frame until it comes (`held_frames`).
+- Speech frames continue the cycle; after the utterance the idle cycle continues from there: the
+  cycle never jumps.
+- Frames whose audio is quieter than `silence_dbfs` (plus `hangover_frames`) show the idle frame
+  (the avatar's own closed mouth) while their audio plays.
+- A face not ready when its frame is due: the idle frame is shown, its audio plays on time, and the
+  frame counts as dropped. A frame whose audio has not arrived yet (the utterance is still open and
+  the client is behind): the frame is held, showing the current cycle frame with silence (`stalled`);
+  audio and video are held together.
+- `interrupt()` drops queued audio, features and frames; the next frame is idle.
+
+Frame k carries the 16 kHz samples [floor(k*16000/fps), floor((k+1)*16000/fps)) of the output
+(MediaClock), so audio and video cannot drift apart however long the session runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lipstream.audio.features import check_fps
+from lipstream.avatar.model import Avatar
+from lipstream.engines.base import Engine, Material, take
+from lipstream.errors import QueueFullError, SessionClosedError
+from lipstream.metrics import ACTIVE_SESSIONS, DROPPED_FRAMES, FIRST_FRAME_SECONDS, FRAMES, STALLED_FRAMES
+from lipstream.stream.clock import SAMPLE_RATE, MediaClock
+from lipstream.stream.compositor import Compositor
+from lipstream.stream.pcm import to_pcm16
+from lipstream.stream.scheduler import Scheduler
+from lipstream.stream.utterance import Utterance
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("speech_started", "speech_ended", "interrupted")
+_FRAMES_BY_KIND = {True: FRAMES.labels("speech"), False: FRAMES.labels("idle")}
+
+
+@dataclass
+class OutputFrame:
+    """One frame of a session's output.
+
+    index: frame number since the session started. pts: index / fps, seconds.
+    image: uint8 [H, W, 3] BGR: an np.ndarray from a CPU compositor, a torch tensor on the device of a
+      CUDA compositor (copy it to the host to encode). Frames showing the avatar's own frame (idle,
+      silent, late) are views of it without a copy: read-only arrays on the CPU; do not write to them.
+    audio: int16 [n] mono 16 kHz, the samples that play during this frame (n = 16000/fps, give or
+      take one): speech, or zeros when idle or stalled.
+    speaking: an utterance is playing (also through its silent stretches).
+    events: from EVENTS, what happens at this frame: "speech_started" (first frame of an utterance),
+      "speech_ended" (first frame after one; also after an interrupted one), "interrupted" (first
+      frame after interrupt()).
+    cycle: the avatar cycle frame the image is built on (0 <= cycle < len(avatar))."""
+
+    index: int
+    pts: float
+    image: np.ndarray | torch.Tensor
+    audio: np.ndarray
+    speaking: bool
+    events: list[str]
+    cycle: int
+
+
+class Session:
+    """One viewer of `avatar`, spoken by `engine` through the device's `scheduler` (started).
+
+    fps: output frame rate (int). compositor: a Compositor for `avatar` (share one between the
+    sessions of an avatar; made here on the engine's device when None). clock: a MediaClock at `fps`
+    (tests inject one with a fake `now`). max_queue_s: most unplayed speech held; more raises
+    QueueFullError. material: `engine.material(avatar)` (share it; computed here when None).
+    silence_dbfs / hangover_frames: the energy gate. ahead_s: how far ahead of the clock frames are
+    handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
+    real time instead of catching up.
+
+    Call everything from the event loop the scheduler runs on."""
+
+    def __init__(self, avatar: Avatar, engine: Engine, scheduler: Scheduler, *, fps: int = 25,
+                 compositor: Compositor | None = None, clock: MediaClock | None = None, max_queue_s: float = 30.0,
+                 material: Material | None = None, silence_dbfs: float = -45.0, hangover_frames: int = 2,
+                 ahead_s: float = 0.5, max_lag_s: float = 0.5):
+        self.fps = check_fps(fps)
+        self.clock = clock or MediaClock(fps)
+        if self.clock.fps != fps:
+            raise ValueError(f"the clock runs at {self.clock.fps} fps, the session at {fps}")
+        self.compositor = compositor or Compositor(avatar, engine.device)
+        if self.compositor.avatar is not avatar:
+            raise ValueError("the compositor was made for another avatar")
+        if max_queue_s <= 0 or ahead_s <= 0 or max_lag_s <= 0:
+            raise ValueError("max_queue_s, ahead_s and max_lag_s must be > 0")
+        self.id = uuid.uuid4().hex
+        self.avatar = avatar
+        self._cycle_length = len(avatar)
+        self.engine = engine
+        self.scheduler = scheduler
+        self.max_queue_s = max_queue_s
+        self.max_lag_s = max_lag_s
+        self._material = material if material is not None else engine.material(avatar)
+        self._silence_dbfs = silence_dbfs
+        self._hangover = hangover_frames
+        self._ahead = max(1, round(ahead_s * fps))
+        self._stream = engine.feature_stream(fps)
+        self._stream_owner: Utterance | None = None
+        self._utterances: deque[Utterance] = deque()
+        self._k = 0  # next frame index
+        self._cycle = 0  # cycle position of the next frame (unbounded; mod len(avatar) to index)
+        self._events: list[str] = []
+        self._feeder: asyncio.Task | None = None
+        self._work = asyncio.Event()
+        self._feeder_idle = asyncio.Event()
+        self._feeder_idle.set()
+        self._closed = False
+        self._counts = dict.fromkeys(("frames_sent", "speech_frames", "dropped_frames", "stalled_frames",
+                                      "held_frames", "rebases", "utterances", "interrupts"), 0)
+        self._first_frame_ms: float | None = None
+        self._first_audio_to_frame_ms: float | None = None
+        ACTIVE_SESSIONS.inc()
+
+    # ---- input ----------------------------------------------------------------------------------
+
+    def push_audio(self, samples: np.ndarray) -> None:
+        """Append speech to the current utterance (a new one after end_speech()): int16 [n] or float32
+        [n] in [-1, 1], mono 16 kHz. Raises QueueFullError (nothing is added) when the unplayed speech
+        would exceed max_queue_s, SessionClosedError after close(), ValueError for other arrays."""
+        self._check_open()
+        pcm = to_pcm16(samples)
+        if pcm.shape[0] == 0:
+            return
+        queued = sum(utt.queued_samples for utt in self._utterances)
+        if queued + pcm.shape[0] > self.max_queue_s * SAMPLE_RATE:
+            raise QueueFullError(
+                f"session {self.id} holds {queued / SAMPLE_RATE:.1f} s of unplayed speech and may hold "
+                f"{self.max_queue_s:g} s; send audio no faster than it plays, or interrupt() first")
+        if not self._utterances or self._utterances[-1].ended:
+            self._utterances.append(Utterance(self.fps, self._silence_dbfs, self._hangover))
+        self._utterances[-1].append(pcm, self.clock.now())
+        self._wake_feeder()
+
+    def end_speech(self) -> None:
+        """The current utterance is complete: its last frames are computed (the feature stream is
+        flushed) and the next push_audio() starts a new utterance. No-op without an open utterance."""
+        self._check_open()
+        if self._utterances and not self._utterances[-1].ended:
+            self._utterances[-1].ended = True
+            self._utterances[-1].ended_at = self.clock.now()
+            self._wake_feeder()
+
+    def interrupt(self) -> None:
+        """Drop all queued audio, features and pending frames; the next frame is idle and carries the
+        event "interrupted" (and "speech_ended" if an utterance was showing)."""
+        self._check_open()
+        showing = bool(self._utterances) and self._utterances[0].started
+        self._drop_speech()
+        self._events.append("interrupted")
+        if showing:
+            self._events.append("speech_ended")
+        self._counts["interrupts"] += 1
+
+    # ---- output ---------------------------------------------------------------------------------
+
+    async def frames(self) -> AsyncIterator[OutputFrame]:
+        """Frames in real time: frame k is yielded when the clock says it is due. Runs until close()."""
+        while not self._closed:
+            k = self._k
+            if self.clock.now() - self.clock.due(k) > self.max_lag_s:
+                self.clock.rebase(k)
+                self._counts["rebases"] += 1
+            await self.clock.wait(k)
+            if self._closed:
+                return
+            yield self.next_frame()
+
+    def next_frame(self) -> OutputFrame:
+        """The next frame, built from what is ready now (it never waits: a late face is a dropped
+        frame). `frames()` calls it on time; tests that step a fake clock call it directly."""
+        self._check_open()
+        k = self._k
+        events, self._events = self._events, []
+        head = self._utterances[0] if self._utterances else None
+        if head is not None and not head.started and self._can_start(head):
+            self._start(head, events)
+        if head is not None and head.started:
+            cycle, image, audio = self._speech_frame(head, k)
+            speaking = True
+            if head.finished():
+                self._utterances.popleft()
+                self._events.append("speech_ended")
+        else:
+            cycle = self._cycle
+            if head is not None and head.c0 == cycle:  # its first face is late: hold the cycle for it
+                self._counts["held_frames"] += 1
+            else:
+                self._cycle += 1
+            image = self._idle(cycle)
+            audio = np.zeros(self.clock.audio_samples(k), np.int16)
+            speaking = False
+        self._k += 1
+        self._counts["frames_sent"] += 1
+        self._counts["speech_frames"] += speaking
+        _FRAMES_BY_KIND[speaking].inc()
+        self._submit_ready()
+        return OutputFrame(k, self.clock.pts(k), image, audio, speaking, events, cycle % self._cycle_length)
+
+    @property
+    def speaking(self) -> bool:
+        """An utterance is showing."""
+        return bool(self._utterances) and self._utterances[0].started
+
+    async def settle(self) -> None:
+        """Wait until all audio pushed so far has its features and every frame handed to the scheduler
+        has its result (tests and benchmarks stepping a fake clock use it; the real-time path never
+        waits). Frames further ahead than `ahead_s` are handed over only as next_frame() advances."""
+        while not self._closed:
+            if not self._feeder_idle.is_set():
+                await self._feeder_idle.wait()
+                continue
+            pending = [f for utt in self._utterances for f in utt.futures.values() if not f.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending)
+
+    def stats(self) -> dict:
+        """frames_sent, speech_frames, dropped_frames (late faces), stalled_frames (audio not there yet),
+        held_frames (idle cycle held for a late first face), rebases (frames() resumed after falling
+        behind), utterances (started), interrupts; speaking; queue depths:
+        utterances_queued, audio_queued_s, frames_featured (features waiting to be shown),
+        frames_in_flight (at the scheduler); first_frame_ms (last utterance: from the audio that made
+        its frame 0 computable to that frame being shown) and first_audio_to_frame_ms (from its first
+        audio)."""
+        return {
+            "id": self.id,
+            **self._counts,
+            "speaking": self.speaking,
+            "closed": self._closed,
+            "utterances_queued": len(self._utterances),
+            "audio_queued_s": sum(utt.queued_samples for utt in self._utterances) / SAMPLE_RATE,
+            "frames_featured": sum(utt.featured - utt.next_j for utt in self._utterances),
+            "frames_in_flight": sum(not f.done() for utt in self._utterances for f in utt.futures.values()),
+            "first_frame_ms": self._first_frame_ms,
+            "first_audio_to_frame_ms": self._first_audio_to_frame_ms,
+        }
+
+    # ---- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop: withdraw pending frames, cancel the feature task, drop queued speech (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_speech()
+        if self._feeder is not None:
+            self._feeder.cancel()
+        self._work.set()
+        self._feeder_idle.set()
+        ACTIVE_SESSIONS.dec()
+
+    async def aclose(self) -> None:
+        """close(), then wait for the feature task to end."""
+        self.close()
+        if self._feeder is not None:
+            try:
+                await self._feeder
+            except asyncio.CancelledError:
+                pass
+            self._feeder = None
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError(f"session {self.id} is closed; open a new session")
+
+    def _idle(self, cycle: int) -> np.ndarray | torch.Tensor:
+        return self.compositor.frame(cycle)
+
+    def _drop_speech(self) -> None:
+        for utt in self._utterances:
+            utt.cancel()
+        self._utterances.clear()
+        self.scheduler.cancel(self.id)
+
+    def _can_start(self, utt: Utterance) -> bool:
+        """Frame 0 has its features and its face (or is silent), and the cycle reached its frame."""
+        if utt.featured == 0:
+            return utt.flushed  # less than one frame of audio: it plays over idle frames
+        if utt.submitted == 0 or utt.c0 != self._cycle:  # the cycle only moves up to c0 (never past)
+            return False
+        return not utt.voiced[0] or utt.futures[0].done()
+
+    def _start(self, utt: Utterance, events: list[str]) -> None:
+        if utt.c0 is None:
+            utt.c0 = self._cycle
+        utt.started = True
+        events.append("speech_started")
+        self._counts["utterances"] += 1
+        now = self.clock.now()
+        ready_at = utt.frame0_input_at if utt.frame0_input_at is not None else utt.ended_at
+        if ready_at is not None:
+            self._first_frame_ms = 1000 * (now - ready_at)
+            FIRST_FRAME_SECONDS.observe(now - ready_at)
+        self._first_audio_to_frame_ms = 1000 * (now - utt.first_push_at)
+
+    def _speech_frame(self, utt: Utterance, k: int) -> tuple[int, np.ndarray | torch.Tensor, np.ndarray]:
+        """Frame k inside a showing utterance: (cycle position, image, audio)."""
+        cycle = self._cycle
+        j = utt.next_j
+        if j < utt.featured:
+            image = None
+            if utt.voiced.pop(j):
+                future = utt.futures.pop(j, None)
+                if future is not None and future.done() and future.exception() is None:
+                    image = future.result()
+                else:
+                    if future is not None:
+                        future.cancel()
+                    self._counts["dropped_frames"] += 1
+                    DROPPED_FRAMES.inc()
+            utt.conditioning.pop(j, None)
+            utt.submitted = max(utt.submitted, j + 1)
+            utt.next_j += 1
+        elif not utt.flushed:  # the client is behind: hold audio and video together
+            self._counts["stalled_frames"] += 1
+            STALLED_FRAMES.inc()
+            return cycle, self._idle(cycle), np.zeros(self.clock.audio_samples(k), np.int16)
+        else:  # audio past the last whole frame
+            image = None
+        self._cycle += 1
+        return cycle, self._idle(cycle) if image is None else image, utt.take_audio(self.clock.audio_samples(k))
+
+    def _submit_ready(self) -> None:
+        """Hand the frames due within `ahead_s` to the scheduler, in display order. An utterance not
+        showing yet gets its cycle position here: where the cycle will be when its first face is
+        expected to be ready."""
+        if self._closed:
+            return
+        horizon = self._k + self._ahead
+        base, cycle_base = self._k, self._cycle  # display index and cycle position of the next frame
+        for utt in self._utterances:
+            if utt.started:
+                first = base - utt.next_j  # display index of frame 0
+            else:
+                if utt.featured == 0:
+                    return
+                if utt.c0 is None:
+                    expected = self.clock.frame_at(self.clock.now() + self.scheduler.expected_latency_s())
+                    utt.c0 = cycle_base + max(0, expected - base)
+                first = base + max(0, utt.c0 - cycle_base)
+            for j in range(utt.submitted, utt.featured):
+                if first + j >= horizon:
+                    return
+                conditioning = utt.conditioning.pop(j)
+                if utt.voiced[j]:
+                    cycle = utt.c0 + j
+                    utt.futures[j] = self.scheduler.submit(
+                        self.id, take(self._material, [cycle % self._cycle_length]), conditioning,
+                        self.clock.due(first + j), cycle=cycle % self._cycle_length, compositor=self.compositor)
+                utt.submitted = j + 1
+            if not utt.flushed:
+                return
+            frames = self._frames_left(utt, first + utt.next_j)
+            base, cycle_base = first + utt.next_j + frames, utt.c0 + utt.next_j + frames
+
+    def _frames_left(self, utt: Utterance, k: int) -> int:
+        """Frames a flushed utterance still shows from display index k on: its featured frames, and
+        as many more as its remaining audio needs (frame k carries clock.audio_samples(k) of it)."""
+        end = self.clock.audio_start(k) + utt.queued_samples
+        return max(utt.featured - utt.next_j, -(-end * self.fps // SAMPLE_RATE) - k)
+
+    def _wake_feeder(self) -> None:
+        if self._feeder is None:
+            self._feeder = asyncio.get_running_loop().create_task(self._feed(), name=f"lipstream-session-{self.id}")
+        self._feeder_idle.clear()
+        self._work.set()
+
+    def _next_feature_job(self) -> tuple[Utterance, np.ndarray | None] | None:
+        """The oldest feature work: (utterance, new audio) or (utterance, None) for its flush."""
+        for utt in self._utterances:
+            if utt.flushed:
+                continue
+            if utt.fed < utt.pcm.end:
+                chunk = utt.pcm.read(utt.fed, utt.pcm.end)
+                utt.fed = utt.pcm.end
+                return utt, chunk
+            if utt.ended and not utt.flush_sent:
+                utt.flush_sent = True
+                return utt, None
+            return None  # open, or its flush is running: later utterances wait
+        return None
+
+    async def _feed(self) -> None:
+        """The session's feature task: audio -> features, in order, one pass at a time."""
+        while not self._closed:
+            job = self._next_feature_job()
+            if job is None:
+                self._feeder_idle.set()
+                self._work.clear()
+                await self._work.wait()
+                continue
+            utt, chunk = job
+            if self._stream_owner is not utt:
+                self._stream.reset()
+                self._stream_owner = utt
+            input_at = utt.last_push_at if chunk is not None else utt.ended_at
+            try:
+                if chunk is None:
+                    conditioning = await self.scheduler.run_features(self._stream.flush)
+                else:
+                    conditioning = await self.scheduler.run_features(self._stream.push, chunk)
+            except Exception:
+                if utt.cancelled:
+                    continue
+                log.exception("session %s: the feature stream failed; the utterance plays without a face", self.id)
+                utt.flushed = True
+                continue
+            if utt.cancelled:
+                continue
+            utt.add_features(conditioning, input_at)
+            if chunk is None:
+                utt.flushed = True
+            self._submit_ready()

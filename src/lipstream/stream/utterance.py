@@ -1,0 +1,97 @@
+"""One utterance of a session: its audio as pushed, its per-frame features and voicing, its frames' work.
+
+Utterance frame j owns the utterance's samples [floor(j*16000/fps), floor((j+1)*16000/fps)). A frame is
+*voiced* when its audio is at least `silence_dbfs` loud (RMS) or one of the `hangover` frames before
+it was; only voiced frames go to the engine, the others show the avatar's own (closed) mouth."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import torch
+
+from lipstream.audio.load import rms_dbfs
+from lipstream.stream.clock import SAMPLE_RATE
+from lipstream.stream.pcm import PcmBuffer
+
+
+class Utterance:
+    """State of one utterance; the session drives it. Times are on the session clock."""
+
+    def __init__(self, fps: int, silence_dbfs: float, hangover: int):
+        self.fps = fps
+        self.silence_dbfs = silence_dbfs
+        self.hangover = hangover
+        self.pcm = PcmBuffer()
+        self.fed = 0  # samples handed to the feature stream
+        self.ended = False  # end_speech() was called
+        self.flush_sent = False  # the feature stream's flush() was started
+        self.flushed = False  # every frame's features are known
+        self.cancelled = False  # interrupted or closed: late results are thrown away
+        self.featured = 0  # frames whose features (and voicing) are known
+        self.submitted = 0  # frames handed to the scheduler (voiced) or passed over (silent)
+        self.next_j = 0  # next frame to show
+        self.played = 0  # samples played
+        self.c0: int | None = None  # cycle frame of frame 0, fixed when frame 0 is submitted
+        self.started = False
+        self.conditioning: dict[int, torch.Tensor] = {}  # j -> [1, ...] until submitted
+        self.voiced: dict[int, bool] = {}  # j -> voiced, until shown
+        self.futures: dict[int, asyncio.Future] = {}  # j -> the scheduler's result, until shown
+        self._last_loud = -math.inf
+        self.first_push_at: float | None = None  # arrival of the first audio
+        self.last_push_at: float | None = None  # arrival of the latest audio
+        self.ended_at: float | None = None
+        self.frame0_input_at: float | None = None  # arrival of the audio that completed frame 0's features
+
+    def append(self, pcm: np.ndarray, now: float) -> None:
+        """pcm: int16 [n] arriving at `now`."""
+        self.pcm.append(pcm)
+        if self.first_push_at is None:
+            self.first_push_at = now
+        self.last_push_at = now
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples pushed but not played yet."""
+        return self.pcm.end - self.played
+
+    def add_features(self, conditioning: torch.Tensor, input_at: float | None) -> None:
+        """conditioning: [k, ...] for frames [featured, featured + k), in order; input_at: arrival time of
+        the newest audio they were computed from."""
+        if conditioning.shape[0] and self.featured == 0:
+            self.frame0_input_at = input_at
+        for row in range(conditioning.shape[0]):
+            j = self.featured
+            samples = self.pcm.read(j * SAMPLE_RATE // self.fps, (j + 1) * SAMPLE_RATE // self.fps)
+            if rms_dbfs(samples.astype(np.float32) / 32768.0) >= self.silence_dbfs:
+                self._last_loud = j
+            self.voiced[j] = j - self._last_loud <= self.hangover
+            self.conditioning[j] = conditioning[row:row + 1]
+            self.featured += 1
+        self._release()
+
+    def take_audio(self, n: int) -> np.ndarray:
+        """The next n samples to play, int16 [n] (zeros past the end of the audio)."""
+        audio = self.pcm.read(self.played, self.played + n)
+        self.played = min(self.played + n, self.pcm.end)
+        self._release()
+        return audio
+
+    def finished(self) -> bool:
+        """All its frames shown and all its audio played."""
+        return self.flushed and self.next_j >= self.featured and self.played >= self.pcm.end
+
+    def cancel(self) -> None:
+        """Interrupted or closed: withdraw its frames and forget its data."""
+        self.cancelled = True
+        for future in self.futures.values():
+            future.cancel()
+        self.futures.clear()
+        self.conditioning.clear()
+        self.voiced.clear()
+
+    def _release(self) -> None:
+        gate = self.featured * SAMPLE_RATE // self.fps
+        self.pcm.release(min(self.fed, self.played, gate))

@@ -1,0 +1,106 @@
+"""Shared by the server tests: a stored avatar, speech-like audio, settings, and a live uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+from functools import cache
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import soundfile
+import uvicorn
+
+from face_avatar import photo_avatar
+from lipstream.avatar.model import Avatar
+from lipstream.avatar.store import save_avatar
+from lipstream.bench import scene
+from lipstream.config import Settings, load_settings
+
+SR = 16000
+
+
+@cache
+def astronaut_avatar() -> Avatar:
+    """A one-frame avatar of the astronaut photo (512x512) with face-mesh landmarks (built once)."""
+    return photo_avatar(scene.astronaut_bgr(), name="astronaut")
+
+
+def store_avatar(root: Path, name: str = "astronaut", tenant: str = "") -> Path:
+    """Write the astronaut avatar under `root` as `name` for `tenant`."""
+    avatar = astronaut_avatar()
+    original = (avatar.name, avatar.tenant, avatar.path)
+    try:
+        return save_avatar(avatar, name=name, tenant=tenant, root=root)
+    finally:
+        avatar.name, avatar.tenant, avatar.path = original
+
+
+def speech_like(seconds: float, *, syllables_per_s: float = 4.0, level: float = 0.3, seed: int = 0) -> np.ndarray:
+    """float32 [n] 16 kHz: a voiced buzz (120 Hz and harmonics, jittered) under a syllable envelope,
+    loud enough for the sessions' energy gate and the page's microphone gate."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    pitch = 120 * (1 + 0.05 * np.sin(2 * np.pi * 1.3 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / SR
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * syllables_per_s * t - np.pi / 2)
+    signal = voice * envelope + 0.02 * rng.standard_normal(t.size)
+    return (level * signal / np.abs(signal).max()).astype(np.float32)
+
+
+def wav_bytes(samples: np.ndarray, rate: int = SR) -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    return np.clip(np.rint(samples * 32768), -32768, 32767).astype("<i2").tobytes()
+
+
+def server_settings(avatars_root: Path, **overrides) -> Settings:
+    """Settings for a test server (no env vars read): keys k-default (default tenant), k-other (tenant
+    "other") unless `api_keys` is given."""
+    flags = {"avatars_root": str(avatars_root), "models_root": str(avatars_root / "no-models"),
+             "api_keys": {"k-default": "", "k-other": "other"}, **overrides}
+    return load_settings(flags, environ={})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """A uvicorn server for `app` on a free port, on a thread with its own event loop."""
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        while not self.app.state.ready.is_set():
+            if time.monotonic() > deadline or self.app.state.startup_error:
+                raise RuntimeError(f"the test server did not get ready: {self.app.state.startup_error}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -1,0 +1,245 @@
+"""The REST API with the warp engine and a stored avatar: keys and tenants, sessions, audio input,
+limits and errors, avatar upload jobs, and the static page."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from lipstream.cli import main
+from lipstream.config import load_settings
+from lipstream.engines.warp import WarpEngine
+from lipstream.server.app import create_app
+from lipstream.server.serve import page_url
+from server_helpers import SR, astronaut_avatar, pcm16, server_settings, speech_like, store_avatar, wav_bytes
+
+DEFAULT = {"Authorization": "Bearer k-default"}
+OTHER = {"X-API-Key": "k-other"}
+
+
+@pytest.fixture(scope="module")
+def avatars_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avatars")
+    store_avatar(root, "astronaut")
+    store_avatar(root, "astro-other", tenant="other")
+    return root
+
+
+def start(app) -> TestClient:
+    client = TestClient(app).__enter__()
+    deadline = time.monotonic() + 30
+    while client.get("/ready", headers=DEFAULT).status_code != 200:
+        assert time.monotonic() < deadline, client.get("/ready", headers=DEFAULT).json()
+        time.sleep(0.05)
+    return client
+
+
+@pytest.fixture
+def client(avatars_root):
+    app = create_app(server_settings(avatars_root, max_sessions_per_key=2, max_audio_seconds=5,
+                                     max_queued_audio_s=3, max_upload_bytes=2_000_000), engine=WarpEngine())
+    client = start(app)
+    yield client
+    client.__exit__(None, None, None)
+
+
+def new_session(client, headers=DEFAULT, avatar="astronaut", **body) -> dict:
+    reply = client.post("/api/sessions", json={"avatar": avatar, **body}, headers=headers)
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def test_only_the_page_and_health_are_open(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200 and "lipstream" in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    for path in ["/ready", "/metrics", "/api/avatars", "/api/config", "/api/sessions"]:
+        reply = client.get(path)
+        assert reply.status_code == 401, path
+        assert "API key" in reply.json()["detail"]
+    assert client.get("/api/avatars", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.get("/api/avatars?key=k-default").status_code == 200
+
+
+def test_ready_names_the_engine_and_counts_the_avatars(client):
+    body = client.get("/ready", headers=DEFAULT).json()
+    assert body["ready"] and body["engine"] == "warp" and body["avatars_loaded"] == 2
+
+
+def test_tenants_see_only_their_avatars_and_sessions(client):
+    assert [a["name"] for a in client.get("/api/avatars", headers=DEFAULT).json()["avatars"]] == ["astronaut"]
+    listed = client.get("/api/avatars", headers=OTHER).json()["avatars"]
+    assert [(a["name"], a["width"], a["height"]) for a in listed] == [("astro-other", 512, 512)]
+    assert client.post("/api/sessions", json={"avatar": "astro-other"}, headers=DEFAULT).status_code == 404
+    mine = new_session(client)
+    assert mine["width"] == 512 and mine["engine"] == "warp" and mine["fps"] == 25
+    for method, path in [("GET", "stats"), ("POST", "interrupt"), ("POST", "audio")]:
+        assert client.request(method, f"/api/sessions/{mine['id']}/{path}", headers=OTHER).status_code == 404
+    assert client.delete(f"/api/sessions/{mine['id']}", headers=OTHER).status_code == 404
+    assert client.get("/api/sessions", headers=OTHER).json()["sessions"] == []
+    assert [s["id"] for s in client.get("/api/sessions", headers=DEFAULT).json()["sessions"]] == [mine["id"]]
+
+
+def test_session_lifecycle_audio_and_stats(client):
+    session = new_session(client, output_height=256)
+    assert (session["width"], session["height"]) == (256, 256)
+    sid = session["id"]
+    speech = speech_like(1.0)
+    reply = client.post(f"/api/sessions/{sid}/audio", content=pcm16(speech),
+                        headers={**DEFAULT, "Content-Type": "application/octet-stream"})
+    assert reply.json() == {"samples": SR, "seconds": 1.0, "ended": False}
+    reply = client.post(f"/api/sessions/{sid}/audio?end=true", headers=DEFAULT,
+                        files={"file": ("hello.wav", wav_bytes(speech_like(0.5)), "audio/wav")})
+    assert reply.json()["samples"] == SR // 2 and reply.json()["ended"]
+    stats = client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).json()
+    assert stats["stats"]["audio_queued_s"] == pytest.approx(1.5)
+    assert client.post(f"/api/sessions/{sid}/interrupt", headers=DEFAULT).json() == {"interrupted": True}
+    assert client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).json()["stats"]["audio_queued_s"] == 0
+    assert client.delete(f"/api/sessions/{sid}", headers=DEFAULT).status_code == 204
+    assert client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).status_code == 404
+
+
+def test_audio_at_another_rate_and_as_a_file_body(client):
+    sid = new_session(client)["id"]
+    reply = client.post(f"/api/sessions/{sid}/audio?sample_rate=8000", content=pcm16(speech_like(0.5)[::2]),
+                        headers={**DEFAULT, "Content-Type": "audio/L16"})
+    assert reply.json()["samples"] == 4000 * 2  # 0.5 s at 16 kHz
+    reply = client.post(f"/api/sessions/{sid}/audio", content=wav_bytes(speech_like(0.25)),
+                        headers={**DEFAULT, "Content-Type": "audio/wav"})
+    assert reply.json()["samples"] == SR // 4
+
+
+def test_limits_and_bad_input_get_clear_errors(client):
+    first, _ = new_session(client)["id"], new_session(client)
+    reply = client.post("/api/sessions", json={"avatar": "astronaut"}, headers=DEFAULT)
+    assert reply.status_code == 429 and "max_sessions_per_key" in reply.json()["detail"]
+    new_session(client, headers=OTHER, avatar="astro-other")  # another key has its own budget
+    audio = f"/api/sessions/{first}/audio"
+    raw = {**DEFAULT, "Content-Type": "application/octet-stream"}
+    too_long = client.post(audio, content=b"\0\0" * SR * 6, headers=raw)
+    assert too_long.status_code == 413 and "max_audio_seconds" in too_long.json()["detail"]
+    odd = client.post(audio, content=b"\0\0\0", headers=raw)
+    assert odd.status_code == 400 and "2 bytes a sample" in odd.json()["detail"]
+    garbage = client.post(audio, content=b"not audio at all" * 10, headers={**DEFAULT, "Content-Type": "audio/wav"})
+    assert garbage.status_code == 400 and garbage.json()["error"] == "AudioDecodeError"
+    no_field = client.post(audio, headers=DEFAULT, files={"audio": ("a.wav", wav_bytes(speech_like(0.1)))})
+    assert no_field.status_code == 400 and "`file`" in no_field.json()["detail"]
+    for _ in range(3):  # 3 s queued is the limit
+        assert client.post(audio, content=pcm16(speech_like(1.0)), headers=raw).status_code == 200
+    full = client.post(audio, content=pcm16(speech_like(0.5)), headers=raw)
+    assert full.status_code == 429 and full.json()["error"] == "QueueFullError"
+    big = client.post(audio, content=b"\0" * 2_000_002, headers=raw)
+    assert big.status_code == 413 and "max_upload_bytes" in big.json()["detail"]
+    unknown = client.post("/api/sessions", json={"avatar": "nobody"}, headers=OTHER)
+    assert unknown.status_code == 404 and "nobody" in unknown.json()["detail"]
+    assert client.post("/api/sessions", json={"avatar": "astronaut", "fps": 0}, headers=OTHER).status_code == 422
+
+
+def test_chunked_upload_over_the_cap_is_refused(client):
+    def chunks():
+        for _ in range(40):
+            yield b"\0" * 100_000
+    reply = client.post(f"/api/sessions/{new_session(client)['id']}/audio", content=chunks(),
+                        headers={**DEFAULT, "Content-Type": "application/octet-stream"})
+    assert reply.status_code == 413
+    video = client.post("/api/avatars", headers=DEFAULT, data={"name": "big"},
+                        files={"file": ("big.mp4", b"\0" * 2_100_000, "video/mp4")})
+    assert video.status_code == 413 and "max_upload_bytes" in video.json()["detail"]
+
+
+def test_metrics_export_the_server_and_stream_metrics(client):
+    new_session(client)
+    text = client.get("/metrics", headers=DEFAULT).text
+    assert "lipstream_active_sessions" in text and "lipstream_server_viewers" in text
+
+
+def test_sessions_without_a_viewer_are_closed_after_the_timeout(avatars_root):
+    app = create_app(server_settings(avatars_root, detached_session_timeout_s=0.2), engine=WarpEngine())
+    client = start(app)
+    try:
+        sid = new_session(client)["id"]
+        assert client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).status_code == 200
+        time.sleep(0.3)
+        closed = client.portal.call(app.state.sessions.close_detached)
+        assert closed == 1
+        assert client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).status_code == 404
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_avatar_upload_runs_as_a_job_and_the_avatar_becomes_usable(client):
+    _, photo = cv2.imencode(".png", astronaut_avatar().frames[0])
+    reply = client.post("/api/avatars", headers=OTHER, data={"name": "uploaded"},
+                        files={"file": ("me.png", photo.tobytes(), "image/png")})
+    assert reply.status_code == 202, reply.text
+    job = reply.json()["job"]
+    assert job["kind"] == "photo" and job["status"] in ("queued", "running")
+    assert client.get(f"/api/jobs/{job['id']}", headers=DEFAULT).status_code == 404  # another tenant
+    deadline = time.monotonic() + 60
+    while job["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        job = client.get(f"/api/jobs/{job['id']}", headers=OTHER).json()
+    assert job["status"] == "done" and job["progress"] == 1.0, job
+    names = [a["name"] for a in client.get("/api/avatars", headers=OTHER).json()["avatars"]]
+    assert "uploaded" in names
+    new_session(client, headers=OTHER, avatar="uploaded")
+    again = client.post("/api/avatars", headers=OTHER, data={"name": "uploaded"},
+                        files={"file": ("me.png", photo.tobytes(), "image/png")})
+    assert again.status_code == 409
+    assert client.delete("/api/avatars/uploaded", headers=OTHER).status_code == 204
+    assert client.delete("/api/avatars/uploaded", headers=OTHER).status_code == 404
+
+
+def test_a_failed_job_says_why(client):
+    reply = client.post("/api/avatars", headers=DEFAULT, data={"name": "noface"},
+                        files={"file": ("flat.png", cv2.imencode(".png", np.full((64, 64, 3), 128, np.uint8))[1]
+                                        .tobytes(), "image/png")})
+    job = reply.json()["job"]
+    deadline = time.monotonic() + 60
+    while job["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        job = client.get(f"/api/jobs/{job['id']}", headers=DEFAULT).json()
+    assert job["status"] == "failed" and "face" in job["error"]
+    bad_name = client.post("/api/avatars", headers=DEFAULT, data={"name": "../x"},
+                           files={"file": ("a.png", b"x", "image/png")})
+    assert bad_name.status_code == 400 and "not allowed" in bad_name.json()["detail"]
+
+
+def test_serve_without_the_weights_of_the_engine_asked_for_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIPSTREAM_CONFIG", raising=False)
+    assert main(["serve", "--engine", "musetalk", "--models-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "lipstream models download" in err
+
+
+def test_page_url_reaches_a_local_browser():
+    assert page_url(load_settings(environ={}), "abc") == "http://localhost:2160/?key=abc"
+    assert page_url(load_settings({"host": "10.0.0.5", "port": "80"}, environ={}), None) == "http://10.0.0.5:80/"
+
+
+def test_the_engine_named_in_the_settings_loads_in_the_background(avatars_root):
+    client = start(create_app(server_settings(avatars_root, engine="warp")))
+    try:
+        body = client.get("/ready", headers=DEFAULT).json()
+        assert body["engine"] == "warp" and "asked for" in body["reason"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_an_engine_that_cannot_load_leaves_health_up_and_ready_saying_why(avatars_root):
+    with TestClient(create_app(server_settings(avatars_root, engine="musetalk"))) as client:
+        deadline = time.monotonic() + 30
+        while (reply := client.get("/ready", headers=DEFAULT)).json().get("error") is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert reply.status_code == 503 and "MissingWeightsError" in reply.json()["error"]
+        assert client.get("/health").status_code == 200
+        refused = client.post("/api/sessions", json={"avatar": "astronaut"}, headers=DEFAULT)
+        assert refused.status_code == 503 and refused.json()["error"] == "NotReadyError"

@@ -1,0 +1,186 @@
+"""WebRTC end to end on loopback: an aiortc client peer offers to a live server (uvicorn, warp
+engine), receives the session's video and audio tracks, talks over the data channel, and hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from lipstream.avatar.model import Avatar
+from lipstream.engines.warp import WarpEngine
+from lipstream.server.app import create_app
+from lipstream.server.registry import OpenSession
+from lipstream.server.webrtc import SessionFeed
+from lipstream.stream.clock import MediaClock
+from lipstream.stream.scheduler import Scheduler
+from lipstream.stream.session import Session
+from server_helpers import LiveServer, pcm16, server_settings, speech_like, store_avatar
+
+KEY = {"Authorization": "Bearer k-default"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avatars")
+    store_avatar(root)
+    with LiveServer(create_app(server_settings(root, output_height=128), engine=WarpEngine())) as server:
+        yield server
+
+
+async def connect(server: LiveServer, sid: str) -> tuple[RTCPeerConnection, dict, list, asyncio.Queue]:
+    """An aiortc peer with recvonly video+audio and a "control" data channel, connected to session sid.
+    Returns (pc, {kind: track}, the channel's messages, the open channel in a queue)."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    channel = pc.createDataChannel("control")
+    messages: list = []
+    opened: asyncio.Queue = asyncio.Queue()
+    channel.on("message", messages.append)
+    channel.on("open", lambda: opened.put_nowait(channel))
+    tracks: dict = {}
+    pc.on("track", lambda track: tracks.__setitem__(track.kind, track))
+    await pc.setLocalDescription(await pc.createOffer())
+    async with httpx.AsyncClient(base_url=server.url, headers=KEY) as http:
+        reply = await http.post(f"/api/sessions/{sid}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+    assert reply.status_code == 200, reply.text
+    await pc.setRemoteDescription(RTCSessionDescription(**reply.json()))
+    return pc, tracks, messages, opened
+
+
+def new_session(server: LiveServer) -> str:
+    reply = httpx.post(f"{server.url}/api/sessions", json={"avatar": "astronaut"}, headers=KEY)
+    assert reply.status_code == 201, reply.text
+    return reply.json()["id"]
+
+
+def test_video_audio_and_events_over_webrtc(server):
+    sid = new_session(server)
+
+    async def call() -> dict:
+        pc, tracks, messages, opened = await connect(server, sid)
+        channel = await asyncio.wait_for(opened.get(), 15)
+        assert set(tracks) == {"video", "audio"}
+        first = await asyncio.wait_for(tracks["video"].recv(), 15)
+        began = time.monotonic()
+        speech = pcm16(speech_like(1.0))
+        for start in range(0, len(speech), 640):
+            channel.send(speech[start:start + 640])
+        channel.send(json.dumps({"type": "end"}))
+        channel.send("not json")
+        audio = []
+
+        async def listen() -> None:
+            while True:
+                audio.append(await tracks["audio"].recv())
+
+        listening = asyncio.ensure_future(listen())
+        video = [first]
+        while time.monotonic() - began < 2.5:
+            video.append(await asyncio.wait_for(tracks["video"].recv(), 5))
+        seconds = time.monotonic() - began
+        listening.cancel()
+        await pc.close()
+        return {"video": video, "seconds": seconds, "audio_s": sum(f.samples for f in audio) / audio[0].sample_rate,
+                "loud": sum(int(np.abs(f.to_ndarray()).max() > 2000) for f in audio),
+                "messages": [json.loads(m) for m in messages]}
+
+    got = asyncio.run(call())
+    frames = got["video"]
+    assert (frames[0].width, frames[0].height) == (128, 128)
+    fps = (len(frames) - 1) / got["seconds"]
+    assert 15 <= fps <= 32, f"{fps:.1f} frames/s received"
+    pts = [f.pts for f in frames]
+    assert all(b > a for a, b in itertools.pairwise(pts)), "video timestamps increase"
+    assert np.median(np.diff(pts)) == pytest.approx(90000 / 25, rel=0.01), "40 ms apart on the 90 kHz clock"
+    assert got["audio_s"] == pytest.approx(got["seconds"], abs=0.6), "audio flows at the rate of the video"
+    assert got["loud"] > 10, "the speech is heard"
+    types = [m["type"] for m in got["messages"]]
+    assert types[:3] == ["error", "speech_started", "speech_ended"] or \
+        ["speech_started", "speech_ended"] == [t for t in types if t != "error"]
+    assert "error" in types
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/api/sessions/{sid}/stats", headers=KEY).status_code != 404:
+        assert time.monotonic() < deadline, "hanging up did not close the session"
+        time.sleep(0.1)
+
+
+def test_bad_offers_are_refused_and_the_session_stays_usable(server):
+    sid = new_session(server)
+    url = f"{server.url}/api/sessions/{sid}/offer"
+    bad = httpx.post(url, json={"sdp": "v=0 nonsense", "type": "offer"}, headers=KEY)
+    assert bad.status_code == 400 and "cannot answer this WebRTC offer" in bad.json()["detail"]
+    assert httpx.post(url, json={"sdp": "x", "type": "answer"}, headers=KEY).status_code == 422
+    assert httpx.post(url, json={"sdp": "x", "type": "offer"}, headers={"X-API-Key": "k-other"}).status_code == 404
+
+    async def call() -> tuple:
+        pc, tracks, _, opened = await connect(server, sid)
+        await asyncio.wait_for(opened.get(), 15)
+        frame = await asyncio.wait_for(tracks["video"].recv(), 15)
+        async with httpx.AsyncClient(headers=KEY) as http:
+            second = await http.post(url, json={"sdp": pc.localDescription.sdp, "type": "offer"})
+        await pc.close()
+        return frame, second
+
+    frame, second = asyncio.run(call())
+    assert frame.width == 128
+    assert second.status_code == 409, "one viewer per session"
+
+
+def test_the_video_codec_setting_picks_the_codec(tmp_path):
+    store_avatar(tmp_path)
+    with LiveServer(create_app(server_settings(tmp_path, video_codec="h264", output_height=64),
+                               engine=WarpEngine())) as h264_server:
+        sid = new_session(h264_server)
+
+        async def call():
+            pc, tracks, _, opened = await connect(h264_server, sid)
+            await asyncio.wait_for(opened.get(), 15)
+            frame = await asyncio.wait_for(tracks["video"].recv(), 15)
+            sdp = pc.remoteDescription.sdp
+            await pc.close()
+            return frame, sdp
+
+        frame, sdp = asyncio.run(call())
+    video_section = sdp.split("m=video")[1].split("m=")[0]
+    assert "H264/90000" in video_section and "VP8" not in video_section
+    assert (frame.width, frame.height) == (64, 64)
+
+
+def test_audio_and_video_timestamps_share_one_clock():
+    """The WebRTC stamping over 5 simulated minutes (a fake clock, a 16x16 avatar): after every frame,
+    the audio sent ends exactly where the next video frame starts. At 3 fps a frame has 16000/3 =
+    5333.33 samples, the case where rounding could drift; the stamps are integer functions of the
+    frame index, so nothing accumulates (the session's own clock is tested over hours in its tests)."""
+    fps = 3
+    avatar = Avatar("tiny", "", None, frames=np.zeros((1, 16, 16, 3), np.uint8), face_boxes=np.int32([[4, 4, 12, 12]]),
+                    crop_boxes=np.int32([[2, 2, 14, 14]]), masks=[np.zeros((12, 12), np.uint8)],
+                    crops=np.zeros((1, 256, 256, 3), np.uint8), landmarks=np.zeros((1, 478, 2), np.float32))
+
+    async def simulate() -> list[tuple[int, int, int]]:
+        now = [0.0]
+        clock = MediaClock(fps, now=lambda: now[0])
+        scheduler = Scheduler(WarpEngine())
+        scheduler.start()
+        session = Session(avatar, scheduler.engine, scheduler, fps=fps, clock=clock)
+        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0))
+        checks = []
+        for k in range(fps * 300):
+            now[0] = clock.due(k)
+            await feed.handle(session.next_frame())
+            video, audio = feed.video.queue._queue[-1], feed.audio.queue._queue[-1]
+            checks.append((k, video.pts, audio.pts + audio.samples + feed._pending.shape[0]))
+        await session.aclose()
+        await scheduler.aclose()
+        return checks
+
+    for k, video_pts, audio_end in asyncio.run(simulate()):
+        assert video_pts == round(k / fps * 90000), f"frame {k}: video pts {video_pts}"
+        assert audio_end == (k + 1) * 16000 // fps, f"frame {k}: the audio ends at sample {audio_end}"

@@ -1,0 +1,209 @@
+"""The WebSocket transport with the warp engine: the wire format, speech in and lip-synced frames with
+their audio and events out, bad messages answered (not fatal), one viewer per session, and a client
+that goes away closing its session."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from lipstream.engines.warp import WarpEngine
+from lipstream.server import wire
+from lipstream.server.app import create_app
+from musetalk_tiny import write_tiny_musetalk
+from server_helpers import pcm16, server_settings, speech_like, store_avatar
+
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avatars")
+    store_avatar(root)
+    app = create_app(server_settings(root, jpeg_quality=90), engine=WarpEngine())
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/ready?key=k-default").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield client
+
+
+def session(client, **body) -> str:
+    reply = client.post("/api/sessions?key=k-default", json={"avatar": "astronaut", **body})
+    assert reply.status_code == 201, reply.text
+    return reply.json()["id"]
+
+
+def receive(ws) -> str | wire.WireFrame:
+    message = ws.receive()
+    assert message["type"] == "websocket.send", message
+    return message["text"] if message.get("text") is not None else wire.unpack_frame(message["bytes"])
+
+
+def test_wire_frame_round_trip():
+    audio = np.arange(-320, 320, dtype=np.int16)
+    data = wire.pack_frame(7, 0.28, True, audio, b"\xff\xd8jpeg")
+    assert len(data) == wire.HEADER.size + 2 * 640 + 6 and data[:4] == b"LSF1"
+    frame = wire.unpack_frame(data)
+    assert (frame.index, frame.pts, frame.speaking, frame.jpeg) == (7, 0.28, True, b"\xff\xd8jpeg")
+    assert np.array_equal(frame.audio, audio)
+    with pytest.raises(ValueError):
+        wire.unpack_frame(data[:-1])
+
+
+def test_speech_in_frames_audio_and_events_out(client):
+    sid = session(client, output_height=256)
+    speech = pcm16(speech_like(1.2))
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+        hello = json.loads(receive(ws))
+        assert hello == {"type": "hello", "session": sid, "avatar": "astronaut", "fps": FPS, "width": 256,
+                         "height": 256, "sample_rate": 16000, "format": "LSF1"}
+        for start in range(0, len(speech), 640):  # 20 ms chunks
+            ws.send_bytes(speech[start:start + 640])
+        ws.send_text(json.dumps({"type": "end"}))
+        frames, events = [], []
+        while not (events and events[-1]["type"] == "speech_ended" and frames[-1].index == events[-1]["index"]):
+            message = receive(ws)
+            if isinstance(message, str):
+                events.append(json.loads(message))
+            else:
+                frames.append(message)
+            assert len(frames) < 200, "no speech_ended within 8 s"
+    assert [e["type"] for e in events] == ["speech_started", "speech_ended"]
+    assert [f.index for f in frames] == list(range(frames[0].index, frames[0].index + len(frames)))
+    assert all(f.pts == pytest.approx(f.index / FPS) for f in frames)
+    assert all(f.audio.shape == (640,) for f in frames)
+    started, ended = (next(i for i, f in enumerate(frames) if f.index == e["index"]) for e in events)
+    assert all(f.speaking for f in frames[started:ended]) and not any(f.speaking for f in frames[ended:])
+    assert not any(f.speaking for f in frames[:started])
+    spoken = np.concatenate([f.audio for f in frames[started:ended]])
+    pushed = np.frombuffer(speech, "<i2")
+    assert np.array_equal(spoken[:pushed.size], pushed), "the frames carry exactly the audio pushed"
+    assert not spoken[pushed.size:].any()
+    images = [cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR) for f in frames]
+    assert all(image.shape == (256, 256, 3) for image in images)
+    idle, talking = images[0], images[started:ended]
+    changed = [int((np.abs(image.astype(int) - idle.astype(int)) > 24).sum()) for image in talking]
+    assert sum(c > 100 for c in changed) > len(talking) / 3, "the mouth moves while speaking"
+
+
+def test_bad_messages_get_errors_and_the_stream_goes_on(client):
+    sid = session(client)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws", headers={"X-API-Key": "k-default"}) as ws:
+        receive(ws)  # hello
+        ws.send_text("not json")
+        ws.send_text(json.dumps({"type": "dance"}))
+        ws.send_bytes(b"\x01\x02\x03")
+        ws.send_text(json.dumps({"type": "ping", "t": 12.5}))
+        texts, frames = [], 0
+        while len(texts) < 4:
+            message = receive(ws)
+            if isinstance(message, str):
+                texts.append(json.loads(message))
+            else:
+                frames += 1
+        assert [t["type"] for t in texts] == ["error", "error", "error", "pong"]
+        assert texts[0]["code"] == texts[1]["code"] == texts[2]["code"] == "BadRequestError"
+        assert "JSON" in texts[0]["message"] and "dance" in texts[1]["message"] and "PCM16" in texts[2]["message"]
+        assert texts[3]["t"] == 12.5
+        assert all(isinstance(receive(ws), wire.WireFrame) for _ in range(3)), "frames keep coming"
+
+
+def test_interrupt_over_the_websocket(client):
+    sid = session(client)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+        receive(ws)
+        ws.send_bytes(pcm16(speech_like(3.0)))
+        message = None
+        while not (isinstance(message, wire.WireFrame) and message.speaking):
+            message = receive(ws)
+        ws.send_text(json.dumps({"type": "interrupt"}))
+        events = []
+        while not isinstance(message := receive(ws), wire.WireFrame) or "interrupted" not in events:
+            if isinstance(message, str):
+                events.append(json.loads(message)["type"])
+        assert events == ["interrupted", "speech_ended"]
+        assert not message.speaking and not message.audio.any(), "the frame after the interrupt is idle"
+        stats = client.get(f"/api/sessions/{sid}/stats?key=k-default").json()["stats"]
+        assert stats["audio_queued_s"] == 0 and stats["interrupts"] == 1
+
+
+@pytest.mark.parametrize("url, code", [
+    ("/api/sessions/{sid}/ws", 4401),
+    ("/api/sessions/{sid}/ws?key=wrong", 4403),
+    ("/api/sessions/nope/ws?key=k-default", 4404),
+    ("/api/sessions/{sid}/ws?key=k-other", 4404),
+])
+def test_refused_connections_close_with_a_code_and_reason(client, url, code):
+    sid = session(client)
+    with client.websocket_connect(url.format(sid=sid)) as ws:
+        message = ws.receive()
+    assert message["type"] == "websocket.close" and message["code"] == code and message["reason"]
+
+
+def test_one_viewer_per_session_and_a_vanished_client_frees_its_session(client):
+    sid = session(client)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+        receive(ws)
+        with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as second:
+            message = second.receive()
+        assert message["code"] == 4409 and "viewer" in message["reason"]
+        assert client.get(f"/api/sessions/{sid}/stats?key=k-default").json()["viewer"] == "websocket"
+    deadline = time.monotonic() + 5
+    while client.get(f"/api/sessions/{sid}/stats?key=k-default").status_code != 404:
+        assert time.monotonic() < deadline, "the session outlived its viewer"
+        time.sleep(0.05)
+
+
+def test_deleting_the_session_closes_its_websocket(client):
+    sid = session(client)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+        receive(ws)
+        assert client.delete(f"/api/sessions/{sid}?key=k-default").status_code == 204
+        while True:
+            message = ws.receive()
+            if message["type"] == "websocket.close":
+                break
+        assert message["code"] == 1000
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_a_musetalk_server_speaks_over_the_websocket(tmp_path, device):
+    """Settings name the engine (tiny random MuseTalk weights): loaded at start, sessions speak; on CUDA
+    the compositor's frames are GPU tensors the transport copies to the host."""
+    write_tiny_musetalk(tmp_path / "models")
+    store_avatar(tmp_path / "avatars")
+    settings = server_settings(tmp_path / "avatars", engine="musetalk", models_root=str(tmp_path / "models"),
+                               device=device, output_height=128)
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 60
+        while (ready := client.get("/ready?key=k-default")).status_code != 200:
+            assert time.monotonic() < deadline and "error" not in ready.json(), ready.json()
+            time.sleep(0.1)
+        assert ready.json()["engine"] == "musetalk" and ready.json()["device"].startswith(device)
+        sid = session(client)
+        with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+            receive(ws)
+            ws.send_bytes(pcm16(speech_like(1.0)))
+            ws.send_text(json.dumps({"type": "end"}))
+            events, frames = [], []
+            while "speech_ended" not in events:
+                message = receive(ws)
+                if isinstance(message, str):
+                    events.append(json.loads(message)["type"])
+                else:
+                    frames.append(message)
+                assert len(frames) < 500, "no speech_ended within 20 s"
+        assert events == ["speech_started", "speech_ended"]
+        speaking = [f for f in frames if f.speaking]
+        assert len(speaking) >= 20
+        image = cv2.imdecode(np.frombuffer(speaking[0].jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (128, 128, 3)
