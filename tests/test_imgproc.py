@@ -223,6 +223,23 @@ def test_blend_batch_with_different_boxes_bchw(make_scene):
         assert np.array_equal(as_numpy(out[i].permute(1, 2, 0)), ref)
 
 
+def test_linear_blend_equals_pils_integer_rounding_for_every_input():
+    """All 256^3 (face, frame, mask) triples: the fused float32 OpenCV blend equals PIL's
+    DIV255(face*m + frame*(255-m)), written into a view of a larger frame."""
+    from lipstream.imgproc.cv_ops import linear_blend
+
+    face, frame, m = (v.astype(np.uint8).reshape(4096, 4096) for v in np.meshgrid(
+        np.arange(256), np.arange(256), np.arange(256), indexing="ij"))
+    t = face.astype(np.uint32) * m + frame.astype(np.uint32) * (255 - m.astype(np.uint32)) + 128
+    expected = ((t + (t >> 8)) >> 8).astype(np.uint8)
+    big = np.zeros((4100, 4100, 1), np.uint8)
+    view = big[2:4098, 3:4099]
+    view[..., 0] = frame
+    linear_blend(face[..., None], view, m)
+    assert np.array_equal(view[..., 0], expected)
+    assert not big[:2].any() and not big[:, :3].any(), "only the view is written"
+
+
 # ------------------------------------------------------------------------------------------------ composite
 def test_composite_numpy_bit_exact_with_original_1080p(make_scene):
     scene = make_scene(frame_hw=(1080, 1920), face_box=(760, 220, 1060, 580))

@@ -58,19 +58,24 @@ def blend_into(frame: np.ndarray, face: np.ndarray, face_box: Box, mask: np.ndar
     if region is None:
         return
     target, face_part, mask_part = region
-    dst = frame[target]
-    # Same-shape uint16 operands: broadcasting a [h,w,1] mask or mixing dtypes is twice as slow.
-    m = np.repeat(mask[mask_part][:, :, None], dst.shape[2], axis=2).astype(np.uint16)
-    # DIV255(face*m + frame*(255-m)) as PIL computes it: t += 128; (t + (t >> 8)) >> 8. Max 65407: fits uint16.
-    t = face[face_part].astype(np.uint16)
-    t *= m
-    np.subtract(255, m, out=m)
-    m *= dst
-    t += m
-    t += 128
-    t += t >> 8
-    t >>= 8
-    dst[...] = t
+    linear_blend(face[face_part], frame[target], mask[mask_part])
+
+
+# cv2.blendLinear computes (a*w1 + b*w2) / (w1 + w2 + 1e-5) in float32 and rounds to nearest. With the
+# weights scaled to sum to 1000 the 1e-5 is negligible, and the result equals PIL's integer
+# DIV255(a*m + b*(255-m)) for every (a, b, m): t/255 is never within float32's error of a .5 boundary.
+_BLEND_WEIGHT_SCALE = np.float32(1000 / 255)
+
+
+def linear_blend(face: np.ndarray, dst: np.ndarray, mask: np.ndarray) -> None:
+    """dst = face*m/255 + dst*(1-m/255) with PIL's rounding, in place; one fused OpenCV pass.
+
+    face, dst: uint8 [h,w,C] (dst may be a view into a frame); mask: uint8 [h,w]."""
+    weight = mask.astype(np.float32)
+    rest = 255 - weight
+    weight *= _BLEND_WEIGHT_SCALE
+    rest *= _BLEND_WEIGHT_SCALE
+    cv2.blendLinear(face, dst, weight, rest, dst=dst)  # writes into the view (checked by the tests)
 
 
 def mask_rows(face_box: Box, mask: np.ndarray, crop_box: Box) -> tuple[int, int] | None:
