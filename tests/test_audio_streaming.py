@@ -140,7 +140,7 @@ def test_bench_compares_generated_faces_with_musetalk_weights(tmp_path, monkeypa
     args = parser.parse_args(["--faces", "2", "--models", str(tmp_path / "models"), "--seconds", "0.6",
                               "--lead-seconds", "0.4", "--contexts", "full", "--lookaheads", "40",
                               "--placements", "segment", "--step-sweep", "200"])
-    rows = audio_streaming.run(args)
+    rows = audio_streaming.measure(args)
     default = next(r for r in rows if "face_rel_l2" in r)
     assert default["faces"] == 2 and default["face_rel_l2"] >= 0 and default["face_mean_abs_diff"] >= 0
     assert "faces at the defaults" in capsys.readouterr().out

@@ -166,7 +166,13 @@ def _load_models(args: argparse.Namespace):
             None)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> int:
+    measure(args)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Every configuration's row (also printed as a table and written as JSON)."""
     from lipstream.audio import StreamingFeatures, audio_features, load_audio
     from lipstream.audio.streaming import DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_MS, DEFAULT_STEP_MS
     from lipstream.bench.report import format_table, write_results
