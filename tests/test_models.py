@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import http.server
@@ -16,13 +15,13 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import WhisperConfig, WhisperModel
 
+from lipstream import cli
 from lipstream.errors import (
     ChecksumMismatchError,
     DownloadError,
     IncompatibleWeightsError,
     MissingWeightsError,
 )
-from lipstream.models import cli as models_cli
 from lipstream.models.download import download_models
 from lipstream.models.layout import (
     MUSETALK_FILES,
@@ -46,10 +45,7 @@ def tiny_root(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    models_cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)
 
 
 # --- the full-size UNet an official musetalkV15/unet.pth must fit -------------------------------------

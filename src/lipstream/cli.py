@@ -10,6 +10,7 @@ import sys
 from lipstream import __version__, demo
 from lipstream.avatar import cli as avatars_cli
 from lipstream.bench import cli as bench_cli
+from lipstream.errors import LipstreamError
 from lipstream.models import cli as models_cli
 from lipstream.server import serve as serve_cli
 from lipstream.stream import render_cli
@@ -28,9 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. A user error (any LipstreamError) is one line on stderr and exit status 1;
+    Ctrl-C is exit status 130 (commands write through temporary names, so nothing is left half-made)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except LipstreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

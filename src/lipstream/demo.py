@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lipstream.errors import LipstreamError, TextToSpeechError
+from lipstream.errors import TextToSpeechError
 from lipstream.stream.render_cli import add_engine_arguments
 
 if TYPE_CHECKING:
@@ -103,14 +102,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return demo_command(args)
-    except LipstreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-def demo_command(args: argparse.Namespace) -> int:
     from lipstream.audio.load import load_audio
     from lipstream.engines.select import load_engine
     from lipstream.media.output import output_kind

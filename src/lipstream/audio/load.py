@@ -121,6 +121,17 @@ def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     return np.pad(out, (0, size - out.size)).astype(np.float32, copy=False)
 
 
+def as_float_mono(samples: np.ndarray) -> np.ndarray:
+    """Live audio as the feature streams take it: float32 [n] in [-1, 1] (kept) or int16 [n] PCM16
+    (scaled by 1/32768) -> float32 [n]. Raises ValueError for anything that is not mono."""
+    samples = np.asarray(samples)
+    if samples.ndim != 1:
+        raise ValueError(f"samples must be mono [n], got shape {samples.shape}")
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / 32768.0
+    return samples.astype(np.float32, copy=False)
+
+
 def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
     """PCM16 little-endian interleaved bytes -> float32 [n] mono (channel mean), x / 32768.
 

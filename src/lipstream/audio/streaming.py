@@ -48,6 +48,7 @@ from lipstream.audio.features import (
     segment_mels,
     window_starts,
 )
+from lipstream.audio.load import as_float_mono
 
 # Defaults (bench `audio-streaming`): the whole segment as context, since a shorter one costs the
 # same and only adds error; 40 ms look-ahead, which covers the receptive field of a window's last
@@ -118,12 +119,8 @@ class StreamingFeatures:
         Returns the frames that became ready, [k, 10*H, D] (k may be 0), in frame order."""
         if self._flushed:
             raise RuntimeError("push() after flush(): call reset() to start a new stream")
-        samples = np.asarray(samples)
-        if samples.ndim != 1:
-            raise ValueError(f"samples must be mono [n], got shape {samples.shape}")
-        if samples.dtype == np.int16:
-            samples = samples.astype(np.float32) / 32768.0
-        self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
+        samples = as_float_mono(samples)
+        self._audio = np.concatenate([self._audio, samples])
         self._received += samples.shape[0]
         return self._emit(self._received - self._received % self.step_samples, final=False)
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 
 from lipstream.avatar.layout import AVATARS_ENV
-from lipstream.errors import LipstreamError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,19 +36,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--models", help="MuseTalk models root for the latents (default: env LIPSTREAM_MODELS "
                                           "or ./models)")
     prepare.add_argument("--device", help="device for the latents (default: cuda if available)")
-    prepare.set_defaults(func=_guarded(run_prepare))
+    prepare.set_defaults(func=run_prepare)
 
     listing = common(sub.add_parser("list", help="list the avatars of a tenant"))
-    listing.set_defaults(func=_guarded(run_list))
+    listing.set_defaults(func=run_list)
 
     show = common(sub.add_parser("show", help="show one avatar and load it (memory cost)"))
     show.add_argument("name")
     show.add_argument("--verify", action="store_true", help="check every file against the manifest's sha256")
-    show.set_defaults(func=_guarded(run_show))
+    show.set_defaults(func=run_show)
 
     delete = common(sub.add_parser("delete", help="delete an avatar"))
     delete.add_argument("name")
-    delete.set_defaults(func=_guarded(run_delete))
+    delete.set_defaults(func=run_delete)
 
     imp = common(sub.add_parser("import", help="import a MuseTalk avatar folder (results/v15/avatars/<id>)"))
     imp.add_argument("dir", help="the MuseTalk avatar folder")
@@ -59,21 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--force", action="store_true", help="replace an existing avatar of that name")
     imp.add_argument("--no-landmarks", action="store_true", help="do not find face landmarks (the warp engine "
                                                                  "needs them)")
-    imp.set_defaults(func=_guarded(run_import))
-
-
-def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run a sub-command; a user error becomes one line on stderr and exit status 1."""
-    def guarded(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except LipstreamError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted; nothing was written", file=sys.stderr)
-            return 130
-    return guarded
+    imp.set_defaults(func=run_import)
 
 
 def _mb(n: float) -> str:

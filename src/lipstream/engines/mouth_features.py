@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lipstream.audio.features import SAMPLE_RATE, check_fps, num_video_frames
+from lipstream.audio.load import as_float_mono
 
 MOUTH_PARAMS = ("open", "wide", "round")  # the conditioning's columns
 
@@ -103,12 +104,8 @@ class MouthFeatureStream:
         """samples: float32 [n] in [-1, 1] or int16 [n], mono 16 kHz. Returns float32 [k, 3]."""
         if self._flushed:
             raise RuntimeError("push() after flush(): call reset() to start a new stream")
-        samples = np.asarray(samples)
-        if samples.ndim != 1:
-            raise ValueError(f"samples must be mono [n], got shape {samples.shape}")
-        if samples.dtype == np.int16:
-            samples = samples.astype(np.float32) / 32768.0
-        self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
+        samples = as_float_mono(samples)
+        self._audio = np.concatenate([self._audio, samples])
         self._received += samples.shape[0]
         while frame_start(self._analysed + 1, self.fps) <= self._received:
             self._analyse_next()

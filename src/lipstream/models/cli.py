@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lipstream.errors import WeightsError
 from lipstream.models.layout import MODELS_ENV, check_models, verify_checksum
@@ -28,11 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_download(args: argparse.Namespace) -> int:
     from lipstream.models.download import download_models
 
-    try:
-        download_models(args.root)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    download_models(args.root)
     return run_check(argparse.Namespace(root=args.root, verify=False))
 
 

@@ -6,10 +6,8 @@ no API keys configured the URL carries the key made for this run."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lipstream.config import Settings, add_settings_arguments, settings_from_args
-from lipstream.errors import LipstreamError
 
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -23,11 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return run_server(settings_from_args(args))
-    except LipstreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_server(settings_from_args(args))
 
 
 def page_url(settings: Settings, key: str | None) -> str:

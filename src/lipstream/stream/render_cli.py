@@ -33,16 +33,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lipstream.errors import LipstreamError
-
-    try:
-        return render_command(args)
-    except LipstreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-def render_command(args: argparse.Namespace) -> int:
     """Check the cheap inputs first (audio, output path, avatar), then load the engine and render."""
     from lipstream.audio.load import load_audio, rms_dbfs
     from lipstream.avatar.store import load_avatar
