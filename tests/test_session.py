@@ -220,6 +220,43 @@ async def test_interrupt_is_idle_at_the_next_frame_and_drops_everything(schedule
     await session.aclose()
 
 
+async def test_an_utterance_left_open_ends_by_itself_after_auto_end_ms_without_audio(scheduler):
+    """The client never calls end_speech(): a pause shorter than auto_end_ms keeps the utterance going;
+    once its speech has run out and no audio has come for auto_end_ms it ends as end_speech() would
+    (flushed: all its audio plays) and the next audio starts a new one. auto_end_ms=None: it stays open."""
+    now = FakeNow()
+    session = make_session(scheduler.engine, scheduler, now)  # auto_end_ms=600
+    first, more = voiced_speech(0.4, seed=7), voiced_speech(0.4, seed=8)
+    session.push_audio(first)
+    frames = [await step(session, now) for _ in range(13)]
+    assert session.speaking and session.stats()["stalled_frames"] > 0, "the client is behind"
+    last_audio_at = now.t
+    session.push_audio(more)  # 0.48 s after the first audio: the same utterance
+    frames += [await step(session, now) for _ in range(40)]
+    events = [(e, f) for f in frames for e in f.events]
+    assert [e for e, _ in events] == ["speech_started", "speech_ended"]
+    ended_at = session.clock.due(events[1][1].index)
+    assert 0.6 <= ended_at - last_audio_at <= 0.6 + 0.3, "it ends soon after 600 ms without audio"
+    heard = [f.audio for f in frames if f.speaking and f.audio.any()]  # stalled frames carry silence
+    assert np.array_equal(np.concatenate(heard), np.concatenate([first, more]))
+    stats = session.stats()
+    assert stats["utterances"] == 1 and stats["auto_ended"] == 1 and not stats["speaking"]
+    session.push_audio(speech(0.2, seed=9))
+    again = [await step(session, now) for _ in range(30)]
+    assert [e for f in again for e in f.events] == ["speech_started", "speech_ended"]
+    assert session.stats()["utterances"] == 2 and session.stats()["auto_ended"] == 2
+    await session.aclose()
+
+    session = make_session(scheduler.engine, scheduler, now, auto_end_ms=None)
+    session.push_audio(first)
+    frames = [await step(session, now) for _ in range(40)]
+    assert frames[-1].speaking and session.stats()["auto_ended"] == 0
+    session.end_speech()
+    frames += [await step(session, now) for _ in range(5)]
+    assert any("speech_ended" in f.events for f in frames[-5:]) and not frames[-1].speaking
+    await session.aclose()
+
+
 async def test_a_late_face_shows_the_idle_frame_and_its_audio_plays_on_time():
     engine = GatedWarp()
     scheduler = Scheduler(engine, max_batch=1)

@@ -63,6 +63,9 @@ class Settings(BaseModel):
                                                               "PCM body)")
     max_queued_audio_s: float = Field(30.0, gt=0, description="most speech a session holds unplayed; pushing "
                                                               "more is refused with 429")
+    auto_end_ms: float = Field(600.0, ge=0, description="an utterance left open (no end message) ends by itself "
+                                                       "once its speech has played and no audio has come for "
+                                                       "this long; 0: only the client ends utterances")
     detached_session_timeout_s: float = Field(120.0, gt=0, description="a session with no viewer connected for "
                                                                       "this long is closed")
 

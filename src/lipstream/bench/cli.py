@@ -11,7 +11,7 @@ BENCHMARKS = {
     "audio-streaming": ("audio_streaming", "streaming vs offline whisper features: difference by context and look-ahead"),
     "warp": ("warp", "the warp engine on one CPU thread: mouth features + warp + composite, frames/s at 720p"),
     "engine": ("engine", "MuseTalk UNet + VAE decode (random full-size weights): frames/s, latency, memory"),
-    "serve": ("serve", "N clients speaking to live sessions in real time (in-process): fps, first-frame latency, drops"),
+    "serve": ("serve", "N clients speaking to live sessions in real time (through the server, or in-process): fps, first-frame latency, drops"),
     "avatar-prepare": ("avatar_prepare", "avatar preparation of a synthetic 10 s 720p face video, without latents"),
 }
 

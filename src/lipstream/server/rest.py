@@ -149,7 +149,7 @@ async def create_session(body: SessionRequest, request: Request, caller: CallerD
     fps = body.fps or settings.fps
     height = settings.output_height if body.output_height is None else body.output_height
     session = Session(avatar, slot.engine, slot.scheduler, fps=fps, compositor=compositor, material=material,
-                      max_queue_s=settings.max_queued_audio_s)
+                      max_queue_s=settings.max_queued_audio_s, auto_end_ms=settings.auto_end_ms or None)
     entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps,
                         output_size(avatar.frame_size, height), height)
     try:

@@ -21,6 +21,8 @@ Behaviour:
   frame counts as dropped. A frame whose audio has not arrived yet (the utterance is still open and
   the client is behind): the frame is held, showing the current cycle frame with silence (`stalled`);
   audio and video are held together.
+- An utterance the client leaves open (no end_speech()) ends by itself once its speech has run out
+  (its next frame waits for audio) and no audio has come for `auto_end_ms`: as end_speech() would.
 - `interrupt()` drops queued audio, features and frames; the next frame is idle.
 
 Frame k carries the 16 kHz samples [floor(k*16000/fps), floor((k+1)*16000/fps)) of the output
@@ -89,14 +91,15 @@ class Session:
     QueueFullError. material: `engine.material(avatar)` (share it; computed here when None).
     silence_dbfs / hangover_frames: the energy gate. ahead_s: how far ahead of the clock frames are
     handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
-    real time instead of catching up.
+    real time instead of catching up. auto_end_ms: an open utterance whose speech has run out ends by
+    itself after this long without audio (None: only end_speech() ends it).
 
     Call everything from the event loop the scheduler runs on."""
 
     def __init__(self, avatar: Avatar, engine: Engine, scheduler: Scheduler, *, fps: int = 25,
                  compositor: Compositor | None = None, clock: MediaClock | None = None, max_queue_s: float = 30.0,
                  material: Material | None = None, silence_dbfs: float = -45.0, hangover_frames: int = 2,
-                 ahead_s: float = 0.5, max_lag_s: float = 0.5):
+                 ahead_s: float = 0.5, max_lag_s: float = 0.5, auto_end_ms: float | None = 600.0):
         self.fps = check_fps(fps)
         self.clock = clock or MediaClock(fps)
         if self.clock.fps != fps:
@@ -106,6 +109,8 @@ class Session:
             raise ValueError("the compositor was made for another avatar")
         if max_queue_s <= 0 or ahead_s <= 0 or max_lag_s <= 0:
             raise ValueError("max_queue_s, ahead_s and max_lag_s must be > 0")
+        if auto_end_ms is not None and auto_end_ms <= 0:
+            raise ValueError("auto_end_ms must be > 0 (or None: never)")
         self.id = uuid.uuid4().hex
         self.avatar = avatar
         self._cycle_length = len(avatar)
@@ -113,6 +118,7 @@ class Session:
         self.scheduler = scheduler
         self.max_queue_s = max_queue_s
         self.max_lag_s = max_lag_s
+        self._auto_end_s = None if auto_end_ms is None else auto_end_ms / 1000
         self._material = material if material is not None else engine.material(avatar)
         self._silence_dbfs = silence_dbfs
         self._hangover = hangover_frames
@@ -129,7 +135,7 @@ class Session:
         self._feeder_idle.set()
         self._closed = False
         self._counts = dict.fromkeys(("frames_sent", "speech_frames", "dropped_frames", "stalled_frames",
-                                      "held_frames", "rebases", "utterances", "interrupts"), 0)
+                                      "held_frames", "rebases", "utterances", "interrupts", "auto_ended"), 0)
         self._first_frame_ms: float | None = None
         self._first_audio_to_frame_ms: float | None = None
         ACTIVE_SESSIONS.inc()
@@ -192,6 +198,7 @@ class Session:
         """The next frame, built from what is ready now (it never waits: a late face is a dropped
         frame). `frames()` calls it on time; tests that step a fake clock call it directly."""
         self._check_open()
+        self._auto_end()
         k = self._k
         events, self._events = self._events, []
         head = self._utterances[0] if self._utterances else None
@@ -240,11 +247,11 @@ class Session:
     def stats(self) -> dict:
         """frames_sent, speech_frames, dropped_frames (late faces), stalled_frames (audio not there yet),
         held_frames (idle cycle held for a late first face), rebases (frames() resumed after falling
-        behind), utterances (started), interrupts; speaking; queue depths:
-        utterances_queued, audio_queued_s, frames_featured (features waiting to be shown),
-        frames_in_flight (at the scheduler); first_frame_ms (last utterance: from the audio that made
-        its frame 0 computable to that frame being shown) and first_audio_to_frame_ms (from its first
-        audio)."""
+        behind), utterances (started), interrupts, auto_ended (utterances ended by `auto_end_ms`);
+        speaking; queue depths: utterances_queued, audio_queued_s, frames_featured (features waiting
+        to be shown), frames_in_flight (at the scheduler); first_frame_ms (last utterance: from the
+        audio that made its frame 0 computable to that frame being shown) and first_audio_to_frame_ms
+        (from its first audio)."""
         return {
             "id": self.id,
             **self._counts,
@@ -296,6 +303,18 @@ class Session:
             utt.cancel()
         self._utterances.clear()
         self.scheduler.cancel(self.id)
+
+    def _auto_end(self) -> None:
+        """end_speech() for an open utterance whose speech has run out (every frame with features shown,
+        or none has any yet) when no audio has come for `auto_end_ms`."""
+        utt = self._utterances[-1] if self._utterances else None
+        if self._auto_end_s is None or utt is None or utt.ended:
+            return
+        ran_out = utt.next_j >= utt.featured and (utt.started or utt.featured == 0)
+        if not ran_out or self.clock.now() - utt.last_push_at < self._auto_end_s:
+            return
+        self.end_speech()
+        self._counts["auto_ended"] += 1
 
     def _can_start(self, utt: Utterance) -> bool:
         """Frame 0 has its features and its face (or is silent), and the cycle reached its frame."""
