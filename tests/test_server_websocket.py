@@ -207,3 +207,39 @@ def test_a_musetalk_server_speaks_over_the_websocket(tmp_path, device):
         assert len(speaking) >= 20
         image = cv2.imdecode(np.frombuffer(speaking[0].jpeg, np.uint8), cv2.IMREAD_COLOR)
         assert image.shape == (128, 128, 3)
+
+
+def test_jpeg_encoder_choice_on_the_cpu():
+    """CPU frames always go through OpenCV; asking for nvJPEG without it is refused at start."""
+
+    from lipstream.config import Settings
+    from lipstream.errors import SettingsError
+    from lipstream.media.jpeg import encode_jpeg_cuda, nvjpeg_available
+    from lipstream.server.app import create_app
+    from lipstream.server.websocket import frame_jpeg
+
+    frame = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    for encoder in ("auto", "opencv", "nvjpeg"):
+        decoded = cv2.imdecode(np.frombuffer(frame_jpeg(frame, 32, 90, encoder), np.uint8), cv2.IMREAD_COLOR)
+        assert decoded.shape == (32, 48, 3)
+    with pytest.raises(ValueError, match="CUDA uint8"):
+        encode_jpeg_cuda(torch.from_numpy(frame))
+    if not nvjpeg_available():
+        with pytest.raises(SettingsError, match="jpeg_encoder=nvjpeg"):
+            create_app(Settings(jpeg_encoder="nvjpeg"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_frames_decode_close_to_the_opencv_ones():
+
+    from lipstream.media.jpeg import nvjpeg_available
+    from lipstream.server.websocket import frame_jpeg
+
+    if not nvjpeg_available():
+        pytest.skip("torchvision with nvJPEG is not installed")
+    frame = cv2.resize(np.random.default_rng(1).integers(0, 256, (45, 80, 3), dtype=np.uint8), (640, 360))
+    gpu = cv2.imdecode(np.frombuffer(frame_jpeg(torch.from_numpy(frame).cuda(), 180, 95), np.uint8), 1)
+    cpu = cv2.imdecode(np.frombuffer(frame_jpeg(frame, 180, 95, "opencv"), np.uint8), 1)
+    assert gpu.shape == cpu.shape == (180, 320, 3)
+    assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 3

@@ -310,12 +310,7 @@ def _run_inprocess(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[
 
 def _run_websocket(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[list[dict], dict, str]:
     """(rows, settings, device) from the server at --url, or from one started here."""
-    try:
-        import httpx
-        import websockets  # noqa: F401
-    except ImportError as exc:
-        raise LipstreamError(f"--transport websocket needs httpx and websockets ({exc}): `pip install httpx "
-                             "websockets`, or use --transport inprocess") from exc
+    import httpx
     import torch
 
     with contextlib.ExitStack() as stack:

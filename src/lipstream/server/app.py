@@ -19,6 +19,8 @@ from fastapi.staticfiles import StaticFiles
 from lipstream import __version__
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
+from lipstream.errors import SettingsError
+from lipstream.media.jpeg import nvjpeg_available
 from lipstream.server import http_errors, rest, webrtc, websocket
 from lipstream.server.auth import ApiKeys
 from lipstream.server.avatars import AvatarLibrary
@@ -54,6 +56,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
             await state.engines.aclose()
             state.jobs.shutdown()
 
+    if settings.jpeg_encoder == "nvjpeg" and not nvjpeg_available():
+        raise SettingsError("jpeg_encoder=nvjpeg needs a CUDA GPU and torchvision >= 0.19 built with CUDA "
+                            "(install the torchvision that matches your torch), or use jpeg_encoder=auto")
     app = FastAPI(title="lipstream", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.keys = keys or ApiKeys(settings.api_keys)

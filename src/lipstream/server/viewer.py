@@ -45,6 +45,20 @@ def output_size(frame_size: tuple[int, int], height: int) -> tuple[int, int]:
     return height - height % 2, max(2, round(w * height / h / 2) * 2)
 
 
+def output_tensor(image: torch.Tensor, height: int) -> torch.Tensor:
+    """`output_image` for a uint8 [H, W, 3] tensor that stays on its device (area-averaged when
+    shrinking, bilinear when enlarging, as OpenCV; values may differ from it by a level or two)."""
+    h, w = image.shape[:2]
+    th, tw = output_size((h, w), height)
+    if (th, tw) == (h, w):
+        return image
+    if height <= 0 or height == h:
+        return image[:th, :tw]
+    chw = image.permute(2, 0, 1)[None].float()
+    scaled = torch.nn.functional.interpolate(chw, size=(th, tw), mode="area" if th < h else "bilinear")
+    return scaled[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
 def output_image(image: np.ndarray | torch.Tensor, height: int) -> np.ndarray:
     """A frame, uint8 [H, W, 3] BGR (NumPy, or a tensor on any device), as a NumPy array at
     `output_size` (an odd last row or column is dropped when not scaling)."""

@@ -18,12 +18,12 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.errors import SessionBusyError, SessionNotFoundError
-from lipstream.media.jpeg import encode_jpeg
+from lipstream.media.jpeg import encode_jpeg, encode_jpeg_cuda, nvjpeg_available
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import request_key
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import apply_client_message, output_image
+from lipstream.server.viewer import apply_client_message, output_image, output_tensor
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(4404 if isinstance(exc, SessionNotFoundError) else 4409, str(exc)[:120])
         return
     try:
-        await _serve(websocket, entry, state.settings.jpeg_quality)
+        await _serve(websocket, entry, state.settings.jpeg_quality, state.settings.jpeg_encoder)
     finally:
         await state.sessions.close(entry)
         if websocket.client_state == WebSocketState.CONNECTED:
@@ -55,12 +55,17 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
                 pass
 
 
-def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int) -> bytes:
-    """A session frame (NumPy, or a tensor on its device) scaled to `height` and JPEG-encoded."""
+def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int, encoder: str = "auto") -> bytes:
+    """A session frame (NumPy, or a tensor on its device) scaled to `height` and JPEG-encoded.
+    encoder: "opencv", "nvjpeg", or "auto" (nvJPEG for CUDA frames when available): with nvJPEG the
+    frame is scaled and encoded on its GPU and only the JPEG bytes come to the host."""
+    on_gpu = isinstance(image, torch.Tensor) and image.device.type == "cuda"
+    if on_gpu and (encoder == "nvjpeg" or (encoder == "auto" and nvjpeg_available())):
+        return encode_jpeg_cuda(output_tensor(image, height), quality)
     return encode_jpeg(output_image(image, height), quality)
 
 
-async def _serve(websocket: WebSocket, entry: OpenSession, jpeg_quality: int) -> None:
+async def _serve(websocket: WebSocket, entry: OpenSession, jpeg_quality: int, jpeg_encoder: str) -> None:
     """Run until the client leaves or the session closes."""
     send_lock = asyncio.Lock()
 
@@ -80,7 +85,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, jpeg_quality: int) ->
         async for frame in session.frames():
             for event in frame.events:
                 await send(wire.event_message(event, frame.index, frame.pts))
-            jpeg = await asyncio.to_thread(frame_jpeg, frame.image, entry.output_height, jpeg_quality)
+            jpeg = await asyncio.to_thread(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
             await send(wire.pack_frame(frame.index, frame.pts, frame.speaking, frame.audio, jpeg))
             SERVER_FRAMES_SENT.labels("websocket").inc()
 
