@@ -423,3 +423,17 @@ def test_cuda_matches_cpu(make_scene):
     cpu = imgproc.composite(torch.from_numpy(scene.frame), torch.from_numpy(scene.face), *args)
     gpu = imgproc.composite(torch.from_numpy(scene.frame).cuda(), torch.from_numpy(scene.face).cuda(), *args)
     assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
+def test_numpy_batch_runs_in_parallel_and_equals_single_frames(make_scene):
+    """A NumPy batch is composited frame by frame on a thread pool: a new output, a given one, or in place."""
+    scenes = [make_scene((360, 640), face_box=(250 + 5 * i, 80, 380 + 5 * i, 240), seed=i) for i in range(5)]
+    frames = np.stack([s.frame for s in scenes])
+    faces = np.stack([s.face for s in scenes])
+    args = ([s.face_box for s in scenes], [s.mask for s in scenes], [s.crop_box for s in scenes])
+    expected = np.stack([imgproc.composite(s.frame, s.face, s.face_box, s.mask, s.crop_box) for s in scenes])
+    assert np.array_equal(imgproc.composite(frames, faces, *args), expected)
+    assert np.array_equal(frames, np.stack([s.frame for s in scenes])), "the input frames stay untouched"
+    out = np.zeros_like(frames)
+    assert imgproc.composite(frames, faces, *args, out=out) is out and np.array_equal(out, expected)
+    assert imgproc.composite(frames, faces, *args, out=frames) is frames and np.array_equal(frames, expected)

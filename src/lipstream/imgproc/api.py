@@ -228,8 +228,10 @@ def _per_frame_masks(masks: Any, layout: Layout, count: int, crop_boxes: list[Bo
     return items
 
 
-def _prepare_frames(frames: Image, faces: Image, layout: Layout | None, out: Image | None) -> tuple[Layout, Image, Image]:
-    """Check frames/faces/out agree; return (layout, frames as BHWC, the BHWC output to write into)."""
+def _prepare_frames(frames: Image, faces: Image, layout: Layout | None, out: Image | None, *,
+                    copy: bool = True) -> tuple[Layout, Image, Image]:
+    """Check frames/faces/out agree; return (layout, frames as BHWC, the output to write into).
+    copy=False leaves a new or distinct `out` unfilled: the caller copies the frames into it."""
     layout = _layout_of(frames, layout, "frame")
     if type(faces) is not type(frames):
         raise TypeError(f"face must be the same kind as frame ({type(frames).__name__}), got {type(faces).__name__}")
@@ -237,11 +239,14 @@ def _prepare_frames(frames: Image, faces: Image, layout: Layout | None, out: Ima
     if layout != "HWC" and faces.shape[0] != frames.shape[0]:
         raise ValueError(f"got {faces.shape[0]} faces for {frames.shape[0]} frames")
     if out is None:
-        out = frames.copy() if isinstance(frames, np.ndarray) else frames.clone()
+        if not copy:
+            out = np.empty_like(frames) if isinstance(frames, np.ndarray) else torch.empty_like(frames)
+        else:
+            out = frames.copy() if isinstance(frames, np.ndarray) else frames.clone()
     else:
         if type(out) is not type(frames) or tuple(out.shape) != tuple(frames.shape) or out.dtype != frames.dtype:
             raise ValueError("out must be an array of the same kind, shape and dtype as frame")
-        if out is not frames:
+        if out is not frames and copy:
             out[...] = frames
     return layout, _to_bhwc(frames, layout), out
 
@@ -301,16 +306,23 @@ def composite(frames: Image, faces: Image, face_boxes: Any, masks: Any, crop_box
     MuseTalk); face_boxes, crop_boxes: one (x1, y1, x2, y2) per frame; masks: one uint8 [ch,cw] per
     frame. On torch the resize and sharpening of the whole batch run as one computation, whatever
     the boxes. Returns new frames, or writes into `out` (which may be `frames` itself)."""
-    layout, frames_bhwc, result = _prepare_frames(frames, faces, layout, out)
+    numpy = isinstance(frames, np.ndarray)
+    layout, frames_bhwc, result = _prepare_frames(frames, faces, layout, out, copy=not numpy)
     count, face_box_list, crop_box_list = _boxes_for(layout, frames_bhwc, face_boxes, crop_boxes)
     mask_list = _per_frame_masks(masks, layout, count, crop_box_list)
     integer = frames.dtype in (np.uint8, torch.uint8)
     sharpen_params = (resolve_kernel(sigma, None, integer=integer)[0], float(sigma), amount, threshold) if sharpen else None
-    if isinstance(frames, np.ndarray):
+    if numpy:
         target, face_bhwc = _to_bhwc(result, layout), _to_bhwc(faces, layout)
-        for b in range(count):
+        fill = result is not frames
+
+        def one(b: int) -> None:  # the frame's copy into `out` happens here too, in parallel
+            if fill:
+                target[b][...] = frames_bhwc[b]
             cv_ops.composite_one(target[b], np.ascontiguousarray(face_bhwc[b]), face_box_list[b], mask_list[b],
                                  crop_box_list[b], sharpen_params)
+
+        cv_ops.for_each_frame(one, count)
         return result
 
     def patches(src: torch.Tensor, src_faces: torch.Tensor) -> list[torch_ops.Patch]:

@@ -7,6 +7,10 @@ resize -> unsharp -> blend pipeline on one core, where the MuseTalk original spe
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import cv2
 import numpy as np
@@ -115,3 +119,18 @@ def composite_one(frame: np.ndarray, face: np.ndarray, face_box: Box, mask: np.n
     else:
         resized = resized[r0:r1]
     blend_into(frame, resized, (x1, y1 + r0, x2, y1 + r1), mask, crop_box)
+
+
+@cache
+def _frame_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lipstream-imgproc")
+
+
+def for_each_frame(work: Callable[[int], None], count: int) -> None:
+    """work(0) ... work(count-1), spread over one thread per CPU core when count > 1 (OpenCV and
+    NumPy release the GIL, so a batch's frames composite in parallel). Exceptions propagate."""
+    if count == 1:
+        work(0)
+        return
+    for _ in _frame_pool().map(work, range(count)):
+        pass
