@@ -27,10 +27,10 @@ WORKDIR /opt/lipstream/src
 COPY --chown=lipstream:lipstream . .
 USER 10001
 
-# A CUDA build of torch first; install.sh then keeps it (it reuses the torch the python already has).
-RUN python3 -m venv /opt/lipstream/torch \
-    && /opt/lipstream/torch/bin/pip install --index-url "$TORCH_INDEX" torch \
-    && LIPSTREAM_SKIP_APT=1 LIPSTREAM_VENV=/opt/lipstream/venv PYTHON=/opt/lipstream/torch/bin/python ./install.sh
+# A CUDA build of torch first, in the venv install.sh then fills (it keeps a torch that imports).
+RUN python3 -m venv /opt/lipstream/venv \
+    && /opt/lipstream/venv/bin/pip install --index-url "$TORCH_INDEX" torch \
+    && LIPSTREAM_SKIP_APT=1 LIPSTREAM_VENV=/opt/lipstream/venv ./install.sh
 
 ENV PATH=/opt/lipstream/venv/bin:$PATH
 VOLUME ["/workspace"]
