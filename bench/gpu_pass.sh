@@ -19,6 +19,7 @@ echo "== MuseTalk UNet + VAE, random full-size weights: batch 1-32, fp16/bf16, e
 "${L[@]}" bench engine
 echo "== sessions on one GPU, 720p, 25 fps: in-process with full-size MuseTalk (random weights), then through the server (musetalk if its weights are installed, else warp)"
 "${L[@]}" bench serve --engine musetalk-random --transport inprocess --clients "${CLIENTS[@]}" --seconds "$SECONDS_PER_RUN"
+"${L[@]}" bench serve --engine musetalk-random --compile reduce-overhead --transport inprocess --clients "${CLIENTS[@]}" --seconds "$SECONDS_PER_RUN"
 "${L[@]}" bench serve --engine auto --transport websocket --clients "${CLIENTS[@]}" --seconds "$SECONDS_PER_RUN"
 if "${L[@]}" models check >/dev/null 2>&1; then
   echo "== streaming vs offline features and faces with the real weights"

@@ -189,3 +189,22 @@ def test_engine_interface_matches_faces(engine):
     assert torch.equal(faces, engine.faces(material["latents"][idx], cond[:2]))
     stream = engine.feature_stream(fps=25)
     assert stream.fps == 25
+
+
+def test_batches_pad_up_to_buckets_and_warmup_runs_each_bucket(engine, batch):
+    """A compiled engine sees only bucket sizes: a batch is padded (repeating its last frame) and cut back."""
+    bucketed = MuseTalkEngine(engine.models, batch_buckets=[4, 8])
+    latents, audio = batch  # 2 frames -> run at 4
+    faces = bucketed.faces(latents, audio)
+    assert faces.shape == (2, 256, 256, 3) and faces.is_contiguous()
+    assert (faces.int() - engine.faces(latents, audio).int()).abs().max() <= 1
+    seen = []
+    run = bucketed._faces
+    bucketed._faces = lambda lat, aud: seen.append(lat.shape[0]) or run(lat, aud)
+    bucketed.warmup(6)
+    assert seen == [4, 8]
+    assert bucketed._bucket(9) == 9, "past the last bucket a batch runs at its own size"
+    eager = MuseTalkEngine(engine.models)  # no buckets, so no warm-up work
+    eager._faces = lambda lat, aud: seen.append(lat.shape[0]) or run(lat, aud)
+    eager.warmup(16)
+    assert eager.batch_buckets is None and seen == [4, 8]

@@ -47,6 +47,9 @@ class Settings(BaseModel):
     fps: int = Field(25, ge=1, le=50, description="default frame rate of a session's video")
     output_height: int = Field(0, ge=0, description="scale streamed frames to this height (width keeps the "
                                                     "aspect ratio); 0: the avatar's own size")
+    compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "none", description='torch.compile for MuseTalk: "reduce-overhead" adds CUDA graphs; batches are padded '
+                            "to powers of two, each compiled at start (minutes)")
     max_batch: int = Field(16, ge=1, description="most frames in one engine call (all sessions of a device together)")
     max_wait_ms: float = Field(4.0, ge=0, description="longest a frame waits for others to fill a batch")
     jpeg_quality: int = Field(80, ge=1, le=100, description="JPEG quality of WebSocket frames (1-100)")

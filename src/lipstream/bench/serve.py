@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "only); not with --url")
     parser.add_argument("--models", default=None, help="MuseTalk weights folder (default LIPSTREAM_MODELS or ./models)")
     parser.add_argument("--device", default=None, help="MuseTalk's device (default cuda if available)")
+    parser.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode for MuseTalk (batches padded to powers of two, compiled at start)")
     parser.add_argument("--size", choices=sorted(FRAME_SIZES), default="720p",
                         help="frame size of the bench avatar (default 720p; not with --url)")
     parser.add_argument("--fps", type=int, default=25)
@@ -122,13 +124,17 @@ def load_bench_engine(args: argparse.Namespace):
     if args.engine != "musetalk-random":
         from lipstream.engines.select import load_engine
 
-        return load_engine(args.engine, args.models, args.device)
+        engine, reason = load_engine(args.engine, args.models, args.device, compile_mode=args.compile)
+        engine.warmup(args.max_batch)
+        return engine, reason
     from lipstream.bench.engine import random_musetalk
     from lipstream.engines.musetalk import MuseTalkEngine
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return MuseTalkEngine(random_musetalk(device, dtype)), f"engine musetalk with random weights on {device}"
+    engine = MuseTalkEngine(random_musetalk(device, dtype), compile_mode=args.compile)
+    engine.warmup(args.max_batch)
+    return engine, f"engine musetalk with random weights on {device} (compile: {args.compile or 'none'})"
 
 
 # ---- shared by both transports -------------------------------------------------------------------
@@ -353,7 +359,7 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         flags = {"host": "127.0.0.1", "port": port, "avatars_root": Path(folder) / "avatars",
                  "engine": args.engine, "models_root": args.models, "device": args.device, "fps": args.fps,
                  "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "api_keys": f"{key}=",
-                 "max_sessions_per_key": max(args.clients)}
+                 "max_sessions_per_key": max(args.clients), "compile_mode": args.compile}
         command = [sys.executable, "-m", "lipstream.cli", "serve",  # --flag=value: a key may start with "-"
                    *[f"{flag_name(name)}={value}" for name, value in flags.items() if value is not None]]
         log_path = Path(folder) / "server.log"

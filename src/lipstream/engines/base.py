@@ -76,6 +76,9 @@ class Engine(ABC):
     def feature_stream(self, fps: int = 25) -> FeatureStream:
         """A live form of `features`, for one audio stream."""
 
+    def warmup(self, max_batch: int) -> None:
+        """Prepare every batch size up to `max_batch` before the first session (e.g. compile it)."""
+
     @abstractmethod
     def generate(self, material: Mapping[str, torch.Tensor], conditioning: torch.Tensor) -> torch.Tensor:
         """One batch: material values [B, ...] (from `take`), conditioning [B, ...] (from `features`).

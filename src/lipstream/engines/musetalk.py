@@ -9,7 +9,7 @@ Everything stays on the engine's device; nothing is copied to the host."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,24 +32,43 @@ class MuseTalkEngine(Engine):
     """The MuseTalk engine over shared, loaded `MuseTalkModels`.
 
     compile_mode: None (eager) or a `torch.compile` mode ("default", "reduce-overhead" for CUDA
-    graphs, "max-autotune"). Shapes are static: each new batch size compiles once (seconds to
-    minutes), so feed a few fixed batch sizes (pad the last batch)."""
+    graphs, "max-autotune"). Shapes are static, and each batch size compiles once (seconds to
+    minutes): a compiled engine pads every batch up to the next of `batch_buckets` (default powers
+    of two) so that only those sizes ever compile; `warmup(max_batch)` compiles them ahead."""
 
     name = "musetalk"
 
-    def __init__(self, models: MuseTalkModels, compile_mode: str | None = None):
+    def __init__(self, models: MuseTalkModels, compile_mode: str | None = None,
+                 batch_buckets: Sequence[int] | None = None):
         super().__init__(models.device, models.dtype)
         self.models = models
         self.timestep = torch.zeros((), dtype=torch.long, device=self.device)
         self._cuda_graphs = compile_mode in _CUDA_GRAPH_MODES
         self._faces = self._faces_eager if compile_mode is None else torch.compile(
             self._faces_eager, mode=compile_mode, dynamic=False)
+        if batch_buckets is None and compile_mode is not None:
+            batch_buckets = [1 << i for i in range(11)]
+        self.batch_buckets = sorted(batch_buckets) if batch_buckets else None
 
     @classmethod
     def load(cls, root: str | os.PathLike | None = None, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, compile_mode: str | None = None) -> MuseTalkEngine:
         """An engine over `load_musetalk(root, device, dtype)` (loaded once per process, shared)."""
         return cls(load_musetalk(root, device, dtype), compile_mode=compile_mode)
+
+    def warmup(self, max_batch: int) -> None:
+        """With batch buckets (a compiled engine): run, and so compile, every bucket a batch of up to
+        `max_batch` frames can use. Eager engines need no warm-up."""
+        if not self.batch_buckets:
+            return
+        for size in sorted({self._bucket(b) for b in range(1, max_batch + 1)}):
+            self.faces(torch.zeros(size, 8, 32, 32), torch.zeros(size, 50, 384))
+
+    def _bucket(self, batch: int) -> int:
+        """The batch size a batch of `batch` frames runs at: the next bucket up (or itself)."""
+        if not self.batch_buckets:
+            return batch
+        return next((b for b in self.batch_buckets if b >= batch), batch)
 
     def _faces_eager(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         m = self.models
@@ -91,12 +110,18 @@ class MuseTalkEngine(Engine):
         if latents.ndim != 4 or latents.shape[1] != 8 or audio.ndim != 3 or audio.shape[0] != latents.shape[0]:
             raise ValueError(f"expected latents [B, 8, h, w] and audio [B, T, 384], got {tuple(latents.shape)} "
                              f"and {tuple(audio.shape)}")
+        batch = latents.shape[0]
         latents = latents.to(self.device, self.dtype)
         audio = audio.to(self.device, self.dtype)
+        padded = self._bucket(batch)
+        if padded > batch:  # repeat the last frame; its extra faces are dropped below
+            latents = torch.cat([latents, latents[-1:].expand(padded - batch, -1, -1, -1)])
+            audio = torch.cat([audio, audio[-1:].expand(padded - batch, -1, -1)])
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-            return self._faces(latents, audio).clone()
-        return self._faces(latents, audio)
+            return self._faces(latents, audio)[:batch].clone()
+        faces = self._faces(latents, audio)
+        return faces if padded == batch else faces[:batch].contiguous()
 
     def avatar_latents(self, crops: np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
                        batch_size: int = 16) -> torch.Tensor:

@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def load_engine_for(settings: Settings, name: str) -> tuple[Engine, str]:
-    """`load_engine(name)` on the settings' models root, device and dtype: (engine, why it runs)."""
+    """`load_engine(name)` on the settings' models root, device, dtype and compile mode, warmed up for
+    batches of up to `max_batch` (compiled engines compile there): (engine, why it runs)."""
     device = None if settings.device == "auto" else settings.device
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    return load_engine(name, settings.models_root, device, dtype)
+    compile_mode = None if settings.compile_mode == "none" else settings.compile_mode
+    engine, reason = load_engine(name, settings.models_root, device, dtype, compile_mode)
+    engine.warmup(settings.max_batch)
+    return engine, reason
 
 
 @dataclass
