@@ -64,3 +64,23 @@ def test_cuda_compositor_matches_cpu(scene_avatar):
     assert gpu.device.type == "cuda"
     diff = np.abs(gpu.cpu().numpy().astype(int) - cpu.astype(int))
     assert diff.max() <= 7 and (diff > 1).mean() < 0.005
+
+
+def test_a_mirrored_cycle_keeps_only_its_first_half(scene_avatar):
+    """Forward+reversed (MuseTalk's cycle): the compositor keeps half the frames and gives the same output."""
+    avatar, scenes = scene_avatar
+    order = [0, 1, 2, 2, 1, 0]
+    cycle = Avatar("c", "", None, frames=avatar.frames[order], face_boxes=avatar.face_boxes[order],
+                   crop_boxes=avatar.crop_boxes[order], masks=[avatar.masks[i] for i in order],
+                   crops=avatar.crops[order])
+    comp = Compositor(cycle)
+    assert comp.slot == [0, 1, 2, 2, 1, 0] and len(comp.frames) == 3 and len(comp) == 6
+    faces = torch.from_numpy(np.stack([scenes[i].face for i in (1, 2, 0)]))
+    assert np.array_equal(comp.compose([4, 3, 11], faces), Compositor(avatar).compose([1, 2, 0], faces))
+    assert np.array_equal(comp.idle([5, 6]), avatar.frames[[0, 0]])
+    assert np.array_equal(comp.frame(9), avatar.frames[2])
+    changed = cycle.frames.copy()
+    changed[4, 0, 0] += 1  # no longer a mirror: every frame is kept
+    other = Avatar("d", "", None, frames=changed, face_boxes=cycle.face_boxes, crop_boxes=cycle.crop_boxes,
+                   masks=cycle.masks, crops=cycle.crops)
+    assert Compositor(other).slot == list(range(6))

@@ -29,12 +29,15 @@ class Compositor:
         self.sharpen = sharpen
         self.face_boxes = [tuple(int(v) for v in box) for box in avatar.face_boxes]
         self.crop_boxes = [tuple(int(v) for v in box) for box in avatar.crop_boxes]
+        # slot[i]: where cycle frame i is kept. A forward+reversed cycle keeps only its first half.
+        self.slot = mirrored_slots(avatar) or list(range(len(avatar)))
+        kept = max(self.slot) + 1
         if self.device.type == "cpu":
-            self.frames: Frames = avatar.frames
-            self.masks: list = list(avatar.masks)
+            self.frames: Frames = avatar.frames[:kept]  # a view: no copy
+            self.masks: list = list(avatar.masks[:kept])
         else:
-            self.frames = torch.from_numpy(avatar.frames).to(self.device)
-            self.masks = [torch.from_numpy(m).to(self.device, torch.float32) for m in avatar.masks]
+            self.frames = torch.from_numpy(avatar.frames[:kept]).to(self.device)
+            self.masks = [torch.from_numpy(m).to(self.device, torch.float32) for m in avatar.masks[:kept]]
 
     def __len__(self) -> int:
         return len(self.avatar)
@@ -45,15 +48,15 @@ class Compositor:
 
     def idle(self, indices: Sequence[int]) -> Frames:
         """The avatar's own frames, uint8 [B, H, W, 3] BGR (a new array/tensor, safe to modify)."""
-        cycle = self._cycle(indices)
+        slots = [self.slot[i] for i in self._cycle(indices)]
         if isinstance(self.frames, np.ndarray):
-            return self.frames[cycle]
-        return self.frames[torch.tensor(cycle, device=self.device)]
+            return self.frames[slots]
+        return self.frames[torch.tensor(slots, device=self.device)]
 
     def frame(self, index: int) -> np.ndarray | torch.Tensor:
         """Cycle frame `index` without a copy, uint8 [H, W, 3] BGR: a read-only view (np.ndarray) on
         the CPU, a view of the resident tensor on a CUDA device (do not write to it)."""
-        i = int(index) % len(self)
+        i = self.slot[int(index) % len(self)]
         if isinstance(self.frames, np.ndarray):
             view = self.frames[i]
             view.flags.writeable = False
@@ -73,5 +76,24 @@ class Compositor:
             faces = faces.cpu().numpy()
         else:
             faces = faces.to(self.device)
-        return composite(frames, faces, [self.face_boxes[i] for i in cycle], [self.masks[i] for i in cycle],
+        return composite(frames, faces, [self.face_boxes[i] for i in cycle], [self.masks[self.slot[i]] for i in cycle],
                          [self.crop_boxes[i] for i in cycle], sharpen=self.sharpen, out=frames)
+
+
+def mirrored_slots(avatar: Avatar) -> list[int] | None:
+    """MuseTalk's cycle is the video forward then reversed, so cycle frames i and 2N-1-i are the
+    same image with the same boxes and mask. If `avatar` is such a cycle: [0..N-1, N-1..0], the
+    index of each cycle frame's copy in the first half (the half a compositor keeps); else None."""
+    n = len(avatar)
+    if n < 2 or n % 2:
+        return None
+    for i in range(n // 2):
+        j = n - 1 - i
+        same = (np.array_equal(avatar.face_boxes[i], avatar.face_boxes[j])
+                and np.array_equal(avatar.crop_boxes[i], avatar.crop_boxes[j])
+                and np.array_equal(avatar.masks[i], avatar.masks[j])
+                and np.array_equal(avatar.frames[i], avatar.frames[j]))
+        if not same:
+            return None
+    half = list(range(n // 2))
+    return half + half[::-1]
