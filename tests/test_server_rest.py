@@ -243,3 +243,39 @@ def test_an_engine_that_cannot_load_leaves_health_up_and_ready_saying_why(avatar
         assert client.get("/health").status_code == 200
         refused = client.post("/api/sessions", json={"avatar": "astronaut"}, headers=DEFAULT)
         assert refused.status_code == 503 and refused.json()["error"] == "NotReadyError"
+
+
+def test_audio_files_are_recognised_and_a_long_file_fits_an_empty_queue(client):
+    """A WAV/MP3 body without a Content-Type is decoded as a file, not played as PCM; raw PCM stays
+    PCM; a file longer than the queue bound (3 s here) but within max_audio_seconds (5 s) is accepted."""
+    audio = f"/api/sessions/{new_session(client)['id']}/audio"
+    wav = wav_bytes(speech_like(4.0))
+    for headers in (DEFAULT, {**DEFAULT, "Content-Type": "application/octet-stream"}):
+        reply = client.post(audio, content=wav, headers=headers)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["samples"] == 4 * SR, "decoded as a WAV file, header not played as PCM"
+        client.post(f"{audio.rsplit('/', 1)[0]}/interrupt", headers=DEFAULT)
+    pcm = pcm16(speech_like(0.5))
+    assert client.post(audio, content=pcm, headers=DEFAULT).json()["samples"] == len(pcm) // 2
+
+
+def test_every_error_reply_has_detail_and_error(client):
+    unauthorized = client.get("/api/avatars")
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"] == "Unauthorized"
+    bad_json = client.post("/api/sessions", content=b"{bad", headers={**DEFAULT, "Content-Type": "application/json"})
+    assert bad_json.status_code == 422 and bad_json.json()["error"] == "RequestValidationError"
+    assert isinstance(bad_json.json()["detail"], str)
+    tiny = client.post("/api/sessions", json={"avatar": "astronaut", "output_height": 1}, headers=DEFAULT)
+    assert tiny.status_code == 422 and "output_height" in tiny.json()["detail"]
+
+
+def test_an_avatar_name_being_prepared_is_refused_before_the_upload_is_stored(client):
+    jobs = client.app.state.jobs
+    jobs._pending.add(("other", "busy"))  # a job for it is queued or running
+    try:
+        reply = client.post("/api/avatars", headers=OTHER, data={"name": "busy"},
+                            files={"file": ("me.png", b"\x89PNG not stored", "image/png")})
+        assert reply.status_code == 409 and "being prepared" in reply.json()["detail"]
+        assert not any(jobs._uploads.iterdir()), "the upload was not stored"
+    finally:
+        jobs._pending.discard(("other", "busy"))

@@ -36,7 +36,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            body = json.dumps({"detail": _too_large_text(self.max_bytes)}).encode()
+            body = json.dumps({"detail": _too_large_text(self.max_bytes), "error": "UploadTooLargeError"}).encode()
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})

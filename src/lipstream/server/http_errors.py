@@ -3,8 +3,12 @@ own message, as `{"detail": message, "error": class name}`."""
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lipstream import errors
 
@@ -31,6 +35,27 @@ def status_for(exc: errors.LipstreamError) -> int:
 
 
 def install(app: FastAPI) -> None:
+    """Every error reply has the same shape: {"detail": text, "error": name}."""
     @app.exception_handler(errors.LipstreamError)
     async def lipstream_error(_: Request, exc: errors.LipstreamError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_for(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail), "error": _status_name(exc.status_code)},
+                            status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}", "error": "RequestValidationError"},
+                            status_code=422)
+
+
+def _status_name(status: int) -> str:
+    """"Unauthorized", "NotFound", ... for an HTTP status."""
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        return "HTTPError"

@@ -1,6 +1,6 @@
 """Avatar preparation as background jobs: an uploaded video or photo becomes an avatar while the
-server keeps streaming. Jobs run one at a time on a worker thread, so preparing never takes more
-than one core from the sessions; `GET /api/jobs/{id}` reports status and progress."""
+server keeps streaming. Jobs run one at a time on a worker thread (preparing itself uses a few
+threads for decoding, landmarks and PNG writing); `GET /api/jobs/{id}` reports status and progress."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class AvatarJobs:
         self.models_root = models_root
         self.device = device
         self._jobs: dict[str, Job] = {}
+        self._pending: set[tuple[str, str]] = set()  # (tenant, name) of queued and running jobs
         self._lock = threading.Lock()
         self._uploads = Path(tempfile.mkdtemp(prefix="lipstream-uploads-"))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lipstream-prepare")
@@ -63,17 +64,26 @@ class AvatarJobs:
         """A fresh path to save an upload to (keeps the file's suffix: the decoder looks at it)."""
         return self._uploads / f"{uuid.uuid4().hex}{Path(filename).suffix.lower()[:10]}"
 
-    def submit(self, tenant: str, name: str, source: Path, kind: str, *, fps: float, overwrite: bool) -> Job:
-        """Queue preparing avatar `name` from the file `source` (a "video" or a "photo"); the file is
-        deleted when the job ends. Raises AvatarNameError, AvatarExistsError at once."""
+    def check_name(self, tenant: str, name: str, *, overwrite: bool) -> str:
+        """The cleaned name, if a job may make avatar `name` now. Raises AvatarNameError, or
+        AvatarExistsError when it exists (without overwrite) or a job for it is queued or running."""
         name = clean_name(name)
+        if (tenant, name) in self._pending:
+            raise AvatarExistsError(f"avatar {name!r} is being prepared already; poll its job, then retry")
         if not overwrite and avatar_dir(name, tenant, self.root).exists():
             raise AvatarExistsError(f"avatar {name!r} exists already; choose another name, or send "
                                     "overwrite=true to replace it")
-        job = Job(uuid.uuid4().hex[:16], tenant, name, kind)
+        return name
+
+    def submit(self, tenant: str, name: str, source: Path, kind: str, *, fps: float, overwrite: bool) -> Job:
+        """Queue preparing avatar `name` from the file `source` (a "video" or a "photo"); the file is
+        deleted when the job ends. Raises what `check_name` raises, at once."""
         with self._lock:
+            name = self.check_name(tenant, name, overwrite=overwrite)
+            job = Job(uuid.uuid4().hex[:16], tenant, name, kind)
             self._prune()
             self._jobs[job.id] = job
+            self._pending.add((tenant, name))
         self._executor.submit(self._run, job, source, fps, overwrite)
         return job
 
@@ -111,6 +121,8 @@ class AvatarJobs:
         finally:
             job.finished = time.time()
             source.unlink(missing_ok=True)
+            with self._lock:
+                self._pending.discard((job.tenant, job.avatar))
 
     def shutdown(self) -> None:
         """Drop queued jobs; a running one finishes (its avatar is written whole or not at all)."""

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
@@ -25,7 +25,9 @@ from lipstream.stream.session import Session
 router = APIRouter()
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-PCM_TYPES = {"application/octet-stream", "audio/l16", "audio/pcm"}
+MIN_OUTPUT_HEIGHT = 16
+PCM_TYPES = {"audio/l16", "audio/pcm"}
+GENERIC_TYPES = {"", "application/octet-stream"}  # raw PCM, unless the body starts like an audio file
 
 
 def _state(request: Request):
@@ -92,6 +94,7 @@ async def create_avatar(request: Request, caller: CallerDep, file: Annotated[Upl
                         overwrite: Annotated[bool, Form()] = False) -> dict:
     """Prepare an avatar from an uploaded video or photo in the background; poll the returned job."""
     jobs = _state(request).jobs
+    jobs.check_name(caller.tenant, name, overwrite=overwrite)  # before storing a large upload
     filename = file.filename or "upload"
     if kind == "auto":
         is_photo = (file.content_type or "").startswith("image/") or Path(filename).suffix.lower() in PHOTO_SUFFIXES
@@ -129,6 +132,13 @@ class SessionRequest(BaseModel):
     engine: Literal["auto", "musetalk", "warp"] = Field("auto", description='"auto": the server\'s engine')
     output_height: int | None = Field(None, ge=0, le=4320, description="streamed frame height (default: "
                                                                        "setting output_height; 0: the avatar's)")
+
+    @field_validator("output_height")
+    @classmethod
+    def _usable_height(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < MIN_OUTPUT_HEIGHT:
+            raise ValueError(f"output_height must be 0 (the avatar's own) or at least {MIN_OUTPUT_HEIGHT}")
+        return value
 
 
 def describe_session(entry: OpenSession) -> dict:
@@ -182,9 +192,10 @@ async def push_audio(session_id: str, request: Request, caller: CallerDep,
     (an empty body with it only ends it)."""
     state = _state(request)
     entry = state.sessions.get(session_id, caller.tenant)
-    samples = await _read_audio(request, sample_rate, state.settings.max_audio_seconds)
-    if samples.size:
-        entry.session.push_audio(samples)
+    settings = state.settings
+    samples = await _read_audio(request, sample_rate, settings.max_audio_seconds)
+    if samples.size:  # a file longer than the queue bound (up to max_audio_seconds) fits an empty queue
+        entry.session.push_audio(samples, max_queue_s=max(settings.max_queued_audio_s, samples.size / SAMPLE_RATE))
     if end:
         entry.session.end_speech()
     return {"samples": int(samples.size), "seconds": samples.size / SAMPLE_RATE, "ended": end}
@@ -203,7 +214,8 @@ async def _read_audio(request: Request, sample_rate: int, max_seconds: float) ->
         data, name = await request.body(), None
     if not data:
         return np.zeros(0, np.int16)
-    if content_type in PCM_TYPES or content_type == "":
+    # raw PCM when the type says so; with no type or a generic one, unless the bytes are an audio file
+    if content_type in PCM_TYPES or (content_type in GENERIC_TYPES and not is_audio_file(data)):
         if len(data) % 2:
             raise BadRequestError(f"a PCM16 body has 2 bytes a sample; got {len(data)} bytes")
         seconds = len(data) / 2 / sample_rate
@@ -214,6 +226,18 @@ async def _read_audio(request: Request, sample_rate: int, max_seconds: float) ->
             return np.frombuffer(data, "<i2").astype(np.int16)
         return await asyncio.to_thread(decode_pcm16, data, sample_rate)
     return await asyncio.to_thread(load_audio, data, max_seconds=max_seconds, name=name)
+
+
+def is_audio_file(data: bytes) -> bool:
+    """Whether bytes start like an audio file (WAV, MP3, Ogg, FLAC, MP4/M4A, WebM) rather than raw PCM.
+    An MP3 without an ID3 tag is recognised by a valid MPEG audio frame header."""
+    head = data[:12]
+    if head[:4] in (b"RIFF", b"OggS", b"fLaC", b"\x1aE\xdf\xa3") or head[:3] == b"ID3" or head[4:8] == b"ftyp":
+        return True
+    if len(head) < 3 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return False
+    version, layer, bitrate, rate = (head[1] >> 3) & 3, (head[1] >> 1) & 3, head[2] >> 4, (head[2] >> 2) & 3
+    return version != 1 and layer != 0 and bitrate not in (0, 15) and rate != 3
 
 
 @router.post("/api/sessions/{session_id}/interrupt")

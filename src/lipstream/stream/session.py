@@ -142,19 +142,21 @@ class Session:
 
     # ---- input ----------------------------------------------------------------------------------
 
-    def push_audio(self, samples: np.ndarray) -> None:
+    def push_audio(self, samples: np.ndarray, *, max_queue_s: float | None = None) -> None:
         """Append speech to the current utterance (a new one after end_speech()): int16 [n] or float32
         [n] in [-1, 1], mono 16 kHz. Raises QueueFullError (nothing is added) when the unplayed speech
-        would exceed max_queue_s, SessionClosedError after close(), ValueError for other arrays."""
+        would exceed `max_queue_s` (default: the session's; a whole file may be allowed more),
+        SessionClosedError after close(), ValueError for other arrays."""
         self._check_open()
         pcm = to_pcm16(samples)
         if pcm.shape[0] == 0:
             return
+        limit_s = self.max_queue_s if max_queue_s is None else max_queue_s
         queued = sum(utt.queued_samples for utt in self._utterances)
-        if queued + pcm.shape[0] > self.max_queue_s * SAMPLE_RATE:
+        if queued + pcm.shape[0] > limit_s * SAMPLE_RATE:
             raise QueueFullError(
                 f"session {self.id} holds {queued / SAMPLE_RATE:.1f} s of unplayed speech and may hold "
-                f"{self.max_queue_s:g} s; send audio no faster than it plays, or interrupt() first")
+                f"{limit_s:g} s; send audio no faster than it plays, or interrupt() first")
         if not self._utterances or self._utterances[-1].ended:
             self._utterances.append(Utterance(self.fps, self._silence_dbfs, self._hangover))
         self._utterances[-1].append(pcm, self.clock.now())
