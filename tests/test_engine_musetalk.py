@@ -208,3 +208,18 @@ def test_batches_pad_up_to_buckets_and_warmup_runs_each_bucket(engine, batch):
     eager._faces = lambda lat, aud: seen.append(lat.shape[0]) or run(lat, aud)
     eager.warmup(16)
     assert eager.batch_buckets is None and seen == [4, 8]
+
+
+def test_material_of_a_mirrored_cycle_encodes_its_first_half_only(engine):
+    rng = np.random.default_rng(5)
+    crops = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    order = [0, 1, 1, 0]
+    avatar = Avatar("m", "", None, frames=frames[order], face_boxes=np.tile(np.int32([8, 8, 56, 56]), (4, 1)),
+                    crop_boxes=np.tile(np.int32([0, 0, 64, 64]), (4, 1)), masks=[np.zeros((64, 64), np.uint8)] * 4,
+                    crops=crops[order])
+    latents = engine.material(avatar)["latents"]
+    assert latents.shape == (4, 8, 32, 32)
+    assert torch.equal(latents[0], latents[3]) and torch.equal(latents[1], latents[2])
+    first_half = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(latents[:2], first_half)

@@ -58,6 +58,25 @@ class Avatar:
         """(height, width) of every frame."""
         return int(self.frames.shape[1]), int(self.frames.shape[2])
 
+    def mirrored_slots(self) -> list[int] | None:
+        """MuseTalk's cycle is the video forward then reversed, so cycle frames i and 2N-1-i are the
+        same image with the same boxes and mask. If this avatar is such a cycle: [0..N-1, N-1..0], the
+        index of each cycle frame's copy in the first half; else None. Whatever is computed per frame
+        (resident frames, latents) then needs only the first half."""
+        n = len(self)
+        if n < 2 or n % 2:
+            return None
+        for i in range(n // 2):
+            j = n - 1 - i
+            same = (np.array_equal(self.face_boxes[i], self.face_boxes[j])
+                    and np.array_equal(self.crop_boxes[i], self.crop_boxes[j])
+                    and np.array_equal(self.masks[i], self.masks[j])
+                    and np.array_equal(self.frames[i], self.frames[j]))
+            if not same:
+                return None
+        half = list(range(n // 2))
+        return half + half[::-1]
+
     def __post_init__(self) -> None:
         n = len(self)
         if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[3] != 3:

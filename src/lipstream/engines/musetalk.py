@@ -90,7 +90,11 @@ class MuseTalkEngine(Engine):
         if avatar.latents is not None:
             return {"latents": avatar.latents.to(self.device, self.dtype)}
         generator = torch.Generator(self.device).manual_seed(0)
-        return {"latents": self.avatar_latents(avatar.crops, generator=generator)}
+        slots = avatar.mirrored_slots()  # a forward+reversed cycle: encode its first half only
+        if slots is None:
+            return {"latents": self.avatar_latents(avatar.crops, generator=generator)}
+        half = self.avatar_latents(avatar.crops[:len(avatar) // 2], generator=generator)
+        return {"latents": half[torch.tensor(slots, device=half.device)]}
 
     def features(self, audio: np.ndarray, fps: int = 25) -> torch.Tensor:
         """Whisper window features [F, 50, 384] (no positional encoding) on the engine's device."""

@@ -30,7 +30,7 @@ class Compositor:
         self.face_boxes = [tuple(int(v) for v in box) for box in avatar.face_boxes]
         self.crop_boxes = [tuple(int(v) for v in box) for box in avatar.crop_boxes]
         # slot[i]: where cycle frame i is kept. A forward+reversed cycle keeps only its first half.
-        self.slot = mirrored_slots(avatar) or list(range(len(avatar)))
+        self.slot = avatar.mirrored_slots() or list(range(len(avatar)))
         kept = max(self.slot) + 1
         if self.device.type == "cpu":
             self.frames: Frames = avatar.frames[:kept]  # a view: no copy
@@ -79,21 +79,3 @@ class Compositor:
         return composite(frames, faces, [self.face_boxes[i] for i in cycle], [self.masks[self.slot[i]] for i in cycle],
                          [self.crop_boxes[i] for i in cycle], sharpen=self.sharpen, out=frames)
 
-
-def mirrored_slots(avatar: Avatar) -> list[int] | None:
-    """MuseTalk's cycle is the video forward then reversed, so cycle frames i and 2N-1-i are the
-    same image with the same boxes and mask. If `avatar` is such a cycle: [0..N-1, N-1..0], the
-    index of each cycle frame's copy in the first half (the half a compositor keeps); else None."""
-    n = len(avatar)
-    if n < 2 or n % 2:
-        return None
-    for i in range(n // 2):
-        j = n - 1 - i
-        same = (np.array_equal(avatar.face_boxes[i], avatar.face_boxes[j])
-                and np.array_equal(avatar.crop_boxes[i], avatar.crop_boxes[j])
-                and np.array_equal(avatar.masks[i], avatar.masks[j])
-                and np.array_equal(avatar.frames[i], avatar.frames[j]))
-        if not same:
-            return None
-    half = list(range(n // 2))
-    return half + half[::-1]
