@@ -8,7 +8,11 @@ import json
 import os
 import pickle
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import cv2
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from lipstream.avatar import prepare as prepare_module
+from lipstream.avatar import store as store_module
 from lipstream.avatar.folder import read_folder
 from lipstream.avatar.geometry import crop_box_for, crop_face, face_box, nearest_detected
 from lipstream.avatar.landmarks import IBUG_68, LIPS_INNER, LIPS_OUTER, NOSE_TIP
@@ -461,6 +466,45 @@ def test_cache_shares_until_replaced(tmp_path, grace_hopper_path):
     delete_avatar("grace", root=tmp_path)
     with pytest.raises(AvatarNotFoundError):
         cache.get("grace")
+
+
+def test_cache_never_waits_for_another_avatars_load(tmp_path, monkeypatch):
+    """While one avatar loads (slowly: a fake loader held on an Event), getting another avatar from the
+    cache and evicting either return at once; the slow load still hands its avatar to its caller."""
+    for name in ("fast", "slow"):
+        avatar_dir(name, "", tmp_path).mkdir(parents=True)
+    loads: list[str] = []
+    slow_started, release = threading.Event(), threading.Event()
+
+    def fake_load(name, *, tenant=None, root=None, verify=False):
+        loads.append(name)
+        if name == "slow":
+            slow_started.set()
+            assert release.wait(30), "the slow load was never released"
+        return SimpleNamespace(name=name, load=len(loads))
+
+    monkeypatch.setattr(store_module, "load_avatar", fake_load)
+    cache = AvatarCache(tmp_path)
+    fast = cache.get("fast")
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            slow = pool.submit(cache.get, "slow")
+            assert slow_started.wait(10)
+            began = time.monotonic()
+            assert pool.submit(cache.get, "fast").result(timeout=5) is fast, "a cached avatar, without loading"
+            pool.submit(cache.evict, "slow").result(timeout=5)
+            pool.submit(cache.evict, "fast").result(timeout=5)
+            assert time.monotonic() - began < 2
+            assert not slow.done(), "the slow load is still going"
+        finally:
+            release.set()
+        slow_avatar = slow.result(timeout=10)
+    assert slow_avatar.name == "slow"
+    assert cache.get("slow") is not slow_avatar, "evicted during its load: the next get loads it again"
+    assert cache.get("fast") is not fast
+    again = cache.get("slow")
+    assert cache.get("slow") is again
+    assert loads == ["fast", "slow", "slow", "fast"]
 
 
 def test_cli(tmp_path, grace_hopper_path, capsys):

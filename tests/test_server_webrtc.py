@@ -16,6 +16,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from lipstream.avatar.model import Avatar
 from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
+from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
 from lipstream.server.webrtc import SessionFeed
 from lipstream.stream.clock import MediaClock
@@ -170,7 +171,8 @@ def test_audio_and_video_timestamps_share_one_clock():
         scheduler = Scheduler(WarpEngine())
         scheduler.start()
         session = Session(avatar, scheduler.engine, scheduler, fps=fps, clock=clock)
-        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0))
+        encoding = EncodingPool(1)
+        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0), encoding)
         checks = []
         for k in range(fps * 300):
             now[0] = clock.due(k)
@@ -179,8 +181,57 @@ def test_audio_and_video_timestamps_share_one_clock():
             checks.append((k, video.pts, audio.pts + audio.samples + feed._pending.shape[0]))
         await session.aclose()
         await scheduler.aclose()
+        encoding.shutdown(wait=True)
         return checks
 
     for k, video_pts, audio_end in asyncio.run(simulate()):
         assert video_pts == round(k / fps * 90000), f"frame {k}: video pts {video_pts}"
         assert audio_end == (k + 1) * 16000 // fps, f"frame {k}: the audio ends at sample {audio_end}"
+
+
+def test_a_peer_that_never_connects_frees_its_session(tmp_path):
+    """A peer whose ICE can never succeed (it went away right after its offer, which, like many browser
+    offers, lacks a=end-of-candidates: ICE alone would wait for more candidates for ever) does not hold
+    the session: it is closed and freed once the connect timeout passes. A peer that connects keeps it."""
+    store_avatar(tmp_path)
+    timeout = 3.0
+    app = create_app(server_settings(tmp_path, output_height=64, webrtc_connect_timeout_s=timeout),
+                     engine=WarpEngine())
+    with LiveServer(app) as live:
+        registry = app.state.sessions
+        before = len(registry.for_tenant(""))
+        lost, kept = new_session(live), new_session(live)
+        assert len(registry.for_tenant("")) == before + 2
+
+        async def offer_and_vanish() -> httpx.Response:
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            pc.createDataChannel("control")
+            await pc.setLocalDescription(await pc.createOffer())
+            sdp = pc.localDescription.sdp.replace("a=end-of-candidates\r\n", "")
+            await pc.close()  # its candidates now point at closed ports
+            async with httpx.AsyncClient(base_url=live.url, headers=KEY) as http:
+                return await http.post(f"/api/sessions/{lost}/offer", json={"sdp": sdp, "type": "offer"})
+
+        reply = asyncio.run(offer_and_vanish())
+        answered = time.monotonic()
+        assert reply.status_code == 200, reply.text
+
+        async def connect_and_stay() -> tuple[int, int]:
+            pc, tracks, _, opened = await connect(live, kept)
+            await asyncio.wait_for(opened.get(), 15)
+            await asyncio.wait_for(tracks["video"].recv(), 15)
+            while time.monotonic() - answered < timeout + 1.5:  # past the lost peer's deadline
+                await asyncio.wait_for(tracks["video"].recv(), 5)
+            async with httpx.AsyncClient(base_url=live.url, headers=KEY) as http:
+                statuses = [(await http.get(f"/api/sessions/{sid}/stats")).status_code for sid in (lost, kept)]
+            await pc.close()
+            return statuses
+
+        assert asyncio.run(connect_and_stay()) == [404, 200], "the lost peer's session closed, the connected one not"
+        assert time.monotonic() - answered < timeout + 5
+        deadline = time.monotonic() + 10
+        while len(registry.for_tenant("")) != before:
+            assert time.monotonic() < deadline, "hanging up did not close the kept session"
+            time.sleep(0.1)

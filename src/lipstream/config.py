@@ -26,6 +26,9 @@ ENV_PREFIX = "LIPSTREAM_"
 CONFIG_ENV = "LIPSTREAM_CONFIG"
 
 
+MIN_OUTPUT_HEIGHT = 16  # smallest streamed frame height (video encoders need a few macroblocks)
+
+
 class Settings(BaseModel):
     """Everything an operator can set. Field descriptions are the README's table."""
 
@@ -46,7 +49,7 @@ class Settings(BaseModel):
                                            "tenants in sub-folders)")
     fps: int = Field(25, ge=1, le=50, description="default frame rate of a session's video")
     output_height: int = Field(0, ge=0, description="scale streamed frames to this height (width keeps the "
-                                                    "aspect ratio); 0: the avatar's own size")
+                                                    "aspect ratio), at least 16; 0: the avatar's own size")
     compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
         "none", description='torch.compile for MuseTalk: "reduce-overhead" adds CUDA graphs; batches are padded '
                             "to powers of two, each compiled at start (minutes)")
@@ -61,6 +64,9 @@ class Settings(BaseModel):
         "auto", description='WebRTC video codec to prefer; "auto": what the browser offers first')
     ice_servers: list[str] = Field(default_factory=list, description="STUN/TURN URLs for WebRTC, e.g. "
                                    "stun:stun.example.org:3478 (empty: direct connections only)")
+    webrtc_connect_timeout_s: float = Field(20.0, gt=0, description="a WebRTC peer not connected this long "
+                                            "after its offer was answered (no route between the peers, e.g. "
+                                            "behind NAT without TURN) is dropped and its session closed")
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (`key=tenant,...`); "
                                      "empty: one key for the default tenant is made at start and printed")
     max_upload_bytes: int = Field(256 << 20, ge=1, description="largest request body (avatar videos, audio "
@@ -86,6 +92,11 @@ class Settings(BaseModel):
     def _list_from_text(cls, value: Any) -> Any:
         return _list_from_text(value) if isinstance(value, str) else value
 
+    @field_validator("output_height")
+    @classmethod
+    def _usable_height(cls, value: int) -> int:
+        return check_output_height(value)
+
     @field_validator("api_keys")
     @classmethod
     def _keys_and_tenants_valid(cls, value: dict[str, str]) -> dict[str, str]:
@@ -95,6 +106,13 @@ class Settings(BaseModel):
             return {key.strip(): clean_tenant(tenant) for key, tenant in value.items()}
         except AvatarNameError as exc:
             raise ValueError(str(exc)) from exc
+
+
+def check_output_height(value: int) -> int:
+    """0 (the avatar's own size) or a height a video encoder can use (at least MIN_OUTPUT_HEIGHT)."""
+    if 0 < value < MIN_OUTPUT_HEIGHT:
+        raise ValueError(f"output_height must be 0 (the avatar's own) or at least {MIN_OUTPUT_HEIGHT}")
+    return value
 
 
 def _mapping_from_text(text: str) -> dict[str, str]:

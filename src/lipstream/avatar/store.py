@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -222,33 +222,61 @@ def list_avatars(tenant: str | None = None, root: str | os.PathLike | None = Non
     return out
 
 
+@dataclass(eq=False)
+class _CacheSlot:
+    """One avatar of an `AvatarCache`: its lock (held while it loads) and, once loaded, the avatar with
+    the stamp (inode, mtime) of the folder it was loaded from."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stamp: tuple[int, int] | None = None
+    avatar: Avatar | None = None
+
+
 class AvatarCache:
     """Loaded avatars shared by every session: `get` loads an avatar once and hands out the same
-    object until its folder is replaced (prepare --force) or deleted. Thread-safe; loads are
-    serialised (one avatar loads at a time)."""
+    object until its folder is replaced (prepare --force) or deleted. Thread-safe. Each avatar has its
+    own lock: one avatar loads once however many ask for it at the same time, while other avatars load
+    (or are got from the cache, or evicted) meanwhile; the cache's own lock is only held to find a slot."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = root
-        self._lock = threading.Lock()
-        self._loaded: dict[tuple[str, str], tuple[tuple[int, int], Avatar]] = {}
+        self._lock = threading.Lock()  # guards _slots (never held during a load)
+        self._slots: dict[tuple[str, str], _CacheSlot] = {}
 
     def get(self, name: str, tenant: str | None = None) -> Avatar:
         tenant = clean_tenant(tenant)
         folder = avatar_dir(name, tenant, self.root)
         key = (tenant, clean_name(name))
-        with self._lock:
-            try:
-                st = folder.stat()
-            except OSError:
-                self._loaded.pop(key, None)
-                return load_avatar(name, tenant=tenant, root=self.root)  # raises AvatarNotFoundError
-            stamp = (st.st_ino, st.st_mtime_ns)
-            cached = self._loaded.get(key)
-            if cached is None or cached[0] != stamp:
-                self._loaded[key] = (stamp, load_avatar(name, tenant=tenant, root=self.root))
-            return self._loaded[key][1]
+        while True:
+            with self._lock:
+                slot = self._slots.setdefault(key, _CacheSlot())
+            with slot.lock:
+                with self._lock:
+                    if self._slots.get(key) is not slot:  # evicted (or failed) while we waited: start again
+                        continue
+                try:
+                    st = folder.stat()
+                except OSError:
+                    self._drop(key, slot)
+                    return load_avatar(name, tenant=tenant, root=self.root)  # raises AvatarNotFoundError
+                stamp = (st.st_ino, st.st_mtime_ns)
+                if slot.avatar is None or slot.stamp != stamp:
+                    try:
+                        avatar = load_avatar(name, tenant=tenant, root=self.root)
+                    except BaseException:
+                        if slot.avatar is None:  # keep no empty slot (e.g. for names that do not exist)
+                            self._drop(key, slot)
+                        raise
+                    slot.stamp, slot.avatar = stamp, avatar
+                return slot.avatar
 
     def evict(self, name: str, tenant: str | None = None) -> None:
+        """Forget the avatar: the next `get` loads it again. Never waits for a load in progress (that
+        load still hands its avatar to whoever asked for it, but the cache does not keep it)."""
         with self._lock:
-            self._loaded.pop((clean_tenant(tenant), clean_name(name)), None)
+            self._slots.pop((clean_tenant(tenant), clean_name(name)), None)
 
+    def _drop(self, key: tuple[str, str], slot: _CacheSlot) -> None:
+        with self._lock:
+            if self._slots.get(key) is slot:
+                del self._slots[key]

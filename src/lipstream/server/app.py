@@ -2,7 +2,7 @@
 
 At start (lifespan) it loads the engine and every avatar of the known tenants once, in the
 background: /health answers at once, /ready once loading is done. At shutdown (SIGTERM under
-uvicorn) every session is closed, with its viewer, and the schedulers stop."""
+uvicorn) every session is closed, with its viewer, and the schedulers and the encoding pool stop."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from lipstream.server import http_errors, rest, webrtc, websocket
 from lipstream.server.auth import ApiKeys
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.body_limit import BodyLimitMiddleware
+from lipstream.server.encoding import EncodingPool
 from lipstream.server.engines import EngineHub
 from lipstream.server.jobs import AvatarJobs
 from lipstream.server.registry import SessionRegistry
@@ -55,6 +56,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
             log.info("shutting down: closed %d sessions", await state.sessions.close_all())
             await state.engines.aclose()
             state.jobs.shutdown()
+            state.encoding.shutdown()
 
     if settings.jpeg_encoder == "nvjpeg" and not nvjpeg_available():
         raise SettingsError("jpeg_encoder=nvjpeg needs a CUDA GPU and torchvision >= 0.19 built with CUDA "
@@ -64,6 +66,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     app.state.keys = keys or ApiKeys(settings.api_keys)
     app.state.engines = EngineHub(settings, engine, engine_reason)
     app.state.avatars = AvatarLibrary(settings.avatars_root)
+    app.state.encoding = EncodingPool()
     app.state.sessions = SessionRegistry(settings.max_sessions_per_key, settings.detached_session_timeout_s)
     app.state.jobs = AvatarJobs(settings.avatars_root, settings.models_root,
                                 None if settings.device == "auto" else settings.device)

@@ -63,13 +63,15 @@ class AvatarLibrary:
         return count
 
     def forget(self, name: str, tenant: str) -> None:
-        """Drop a loaded avatar (after it was deleted; a replaced one is reloaded by `get` anyway)."""
+        """Drop a loaded avatar (after it was deleted; a replaced one is reloaded by `get` anyway).
+        Safe off the event loop: it takes the avatar cache's lock, and reads the prepared avatars only
+        through a snapshot of their keys (`get` may add one meanwhile)."""
         name = clean_name(name)
         self._cache.evict(name, tenant)
-        for key in [k for k in self._prepared if k[:2] == (tenant, name)]:
-            del self._prepared[key]
+        for key in [k for k in list(self._prepared) if k[:2] == (tenant, name)]:
+            self._prepared.pop(key, None)
 
     async def delete(self, name: str, tenant: str) -> None:
         """Delete the avatar's folder (AvatarNotFoundError when there is none). Open sessions keep showing it."""
         await asyncio.to_thread(delete_avatar, name, tenant=tenant, root=self.root)
-        self.forget(name, tenant)
+        await asyncio.to_thread(self.forget, name, tenant)

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
+from lipstream.config import check_output_height
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession
@@ -25,7 +26,6 @@ from lipstream.stream.session import Session
 router = APIRouter()
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-MIN_OUTPUT_HEIGHT = 16
 PCM_TYPES = {"audio/l16", "audio/pcm"}
 GENERIC_TYPES = {"", "application/octet-stream"}  # raw PCM, unless the body starts like an audio file
 
@@ -136,9 +136,7 @@ class SessionRequest(BaseModel):
     @field_validator("output_height")
     @classmethod
     def _usable_height(cls, value: int | None) -> int | None:
-        if value is not None and 0 < value < MIN_OUTPUT_HEIGHT:
-            raise ValueError(f"output_height must be 0 (the avatar's own) or at least {MIN_OUTPUT_HEIGHT}")
-        return value
+        return None if value is None else check_output_height(value)
 
 
 def describe_session(entry: OpenSession) -> dict:

@@ -5,7 +5,10 @@ clock since frame k carries exactly the samples from floor(k*16000/fps) on), so 
 however long the call lasts. A data channel the client opens carries the same messages as the
 WebSocket (audio and control in, JSON events and errors out); no frames go over it.
 
-The connection is the session's viewer: when it fails or closes, the session closes."""
+The connection is the session's viewer: when it fails or closes, the session closes. Frames are made
+and sent once it is connected; a peer not connected `webrtc_connect_timeout_s` after its answer (no
+route between the peers, a tab closed while connecting: ICE alone may never give up, as browsers'
+offers often lack a=end-of-candidates) closes the session too."""
 
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from lipstream.errors import BadRequestError, SessionNotFoundError
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import CallerDep
+from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession, SessionRegistry
 from lipstream.server.viewer import apply_client_message, output_image
 from lipstream.stream.session import OutputFrame
@@ -73,10 +77,12 @@ class FrameTrack(MediaStreamTrack):
 
 class SessionFeed:
     """Reads the session's frames in real time and hands each image to the video track, its audio (in
-    20 ms pieces) to the audio track and its events to the data channel (once the client opened one)."""
+    20 ms pieces) to the audio track and its events to the data channel (once the client opened one).
+    encoding: the pool that converts the frames."""
 
-    def __init__(self, entry: OpenSession):
+    def __init__(self, entry: OpenSession, encoding: EncodingPool):
         self.entry = entry
+        self.encoding = encoding
         self.video = FrameTrack("video", max(2, round(QUEUE_S * entry.fps)))
         self.audio = FrameTrack("audio", round(QUEUE_S * AUDIO_RATE / AUDIO_CHUNK))
         self.channel: RTCDataChannel | None = None
@@ -104,11 +110,11 @@ class SessionFeed:
         return video
 
     async def handle(self, frame: OutputFrame) -> None:
-        """One frame of the session: its events, its image (copied and converted off the event loop),
-        its audio."""
+        """One frame of the session: its events, its image (copied and converted on the encoding
+        pool), its audio."""
         for event in frame.events:
             self._send(wire.event_message(event, frame.index, frame.pts))
-        self.video.offer(await asyncio.to_thread(self._video_frame, frame))
+        self.video.offer(await self.encoding.run(self._video_frame, frame))
         if self._samples_sent is None:  # the audio clock starts where the video's does
             self._samples_sent = round(frame.pts * AUDIO_RATE)
         self._push_audio(frame.audio)
@@ -152,7 +158,7 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
     registry: SessionRegistry = state.sessions
     entry = registry.get(session_id, caller.tenant)
     registry.attach(entry, "webrtc")
-    feed = SessionFeed(entry)
+    feed = SessionFeed(entry, state.encoding)
     pc = _peer_connection(state.settings.ice_servers)
     try:
         video = pc.addTransceiver(feed.video, direction="sendonly")
@@ -176,18 +182,38 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
         feed.channel = channel
         channel.on("message", feed.on_message)
 
+    connected = asyncio.Event()
+    feed_task: asyncio.Task | None = None
+
     @pc.on("connectionstatechange")
     async def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
+        nonlocal feed_task
+        if pc.connectionState == "connected":
+            connected.set()
+            if feed_task is None and not entry.closed.is_set():  # frames only for a peer that gets them
+                feed_task = asyncio.create_task(feed.run())
+                feed_task.add_done_callback(_log_failure(entry))
+        elif pc.connectionState in ("failed", "closed"):
             log.info("session %s: WebRTC %s; closing the session", entry.id, pc.connectionState)
             await registry.close(entry)
 
-    feed_task = asyncio.create_task(feed.run())
-    feed_task.add_done_callback(_log_failure(entry))
+    timeout = state.settings.webrtc_connect_timeout_s
+
+    async def watch_connect() -> None:
+        try:
+            await asyncio.wait_for(connected.wait(), timeout)
+        except TimeoutError:
+            log.info("session %s: the WebRTC peer is still %s %g s after its answer; closing the session",
+                     entry.id, pc.connectionState, timeout)
+            await registry.close(entry)
+
+    watchdog = asyncio.create_task(watch_connect())  # referenced by close_peer, so kept until the session closes
 
     async def close_peer() -> None:
-        feed_task.cancel()
-        await asyncio.gather(feed_task, return_exceptions=True)
+        watchdog.cancel()  # when it is the watchdog that closes the session, only its wait for the close ends
+        if feed_task is not None:
+            feed_task.cancel()
+            await asyncio.gather(feed_task, return_exceptions=True)
         await pc.close()
 
     entry.on_close.append(close_peer)

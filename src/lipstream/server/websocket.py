@@ -22,6 +22,7 @@ from lipstream.media.jpeg import encode_jpeg, encode_jpeg_cuda, nvjpeg_available
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import request_key
+from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
 from lipstream.server.viewer import apply_client_message, output_image, output_tensor
 
@@ -45,7 +46,7 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(4404 if isinstance(exc, SessionNotFoundError) else 4409, str(exc)[:120])
         return
     try:
-        await _serve(websocket, entry, state.settings.jpeg_quality, state.settings.jpeg_encoder)
+        await _serve(websocket, entry, state.encoding, state.settings.jpeg_quality, state.settings.jpeg_encoder)
     finally:
         await state.sessions.close(entry)
         if websocket.client_state == WebSocketState.CONNECTED:
@@ -65,8 +66,9 @@ def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int, enco
     return encode_jpeg(output_image(image, height), quality)
 
 
-async def _serve(websocket: WebSocket, entry: OpenSession, jpeg_quality: int, jpeg_encoder: str) -> None:
-    """Run until the client leaves or the session closes."""
+async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPool, jpeg_quality: int,
+                 jpeg_encoder: str) -> None:
+    """Run until the client leaves or the session closes. The frames are encoded on `encoding`."""
     send_lock = asyncio.Lock()
 
     async def send(message: str | bytes) -> None:
@@ -85,7 +87,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, jpeg_quality: int, jp
         async for frame in session.frames():
             for event in frame.events:
                 await send(wire.event_message(event, frame.index, frame.pts))
-            jpeg = await asyncio.to_thread(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
+            jpeg = await encoding.run(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
             await send(wire.pack_frame(frame.index, frame.pts, frame.speaking, frame.audio, jpeg))
             SERVER_FRAMES_SENT.labels("websocket").inc()
 
