@@ -530,3 +530,29 @@ def test_cli(tmp_path, grace_hopper_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["avatars", "prepare", "x", "--image", "a.png", "--video", "b.mp4"])
     assert exc.value.code == 2
+
+
+def test_stale_build_folders_of_killed_runs_are_swept(tmp_path):
+    """A killed prepare leaves `.tmp-*`/`.old-*` folders; old ones are removed, young ones (a build that
+    may still be running) and avatars are kept."""
+    import os
+    import time
+
+    from lipstream.avatar.layout import tenant_dir
+    from lipstream.avatar.store import STALE_BUILD_S, sweep_stale_builds
+
+    made = {}
+    for tenant in ("", "acme"):
+        base = tenant_dir(tenant, tmp_path)
+        for name in (".tmp-anna-1234abcd", ".old-anna-5678abcd", ".tmp-bob-young000", "anna"):
+            (base / name).mkdir(parents=True)
+            (base / name / "f.png").write_bytes(b"x")
+            made[tenant, name] = base / name
+        for name in (".tmp-anna-1234abcd", ".old-anna-5678abcd", "anna"):
+            old = time.time() - STALE_BUILD_S - 60
+            os.utime(base / name, (old, old))
+    removed = sweep_stale_builds(["", "acme", "nobody"], tmp_path)
+    assert sorted(removed) == sorted(made[t, n] for t in ("", "acme") for n in (".tmp-anna-1234abcd",
+                                                                                 ".old-anna-5678abcd"))
+    for tenant in ("", "acme"):
+        assert made[tenant, ".tmp-bob-young000"].is_dir() and made[tenant, "anna"].is_dir()

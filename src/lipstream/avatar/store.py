@@ -17,8 +17,9 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,26 @@ def staged_folder(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+STALE_BUILD_S = 3600.0  # a build folder untouched this long belongs to a process that was killed
+
+
+def sweep_stale_builds(tenants: Iterable[str | None], root: str | os.PathLike | None = None,
+                       older_than_s: float = STALE_BUILD_S) -> list[Path]:
+    """Delete the hidden build folders (`.tmp-*`, `.old-*`) that a killed `staged_folder` left in the
+    tenants' avatar folders, if untouched for `older_than_s` (younger ones may be a build in progress).
+    Returns the folders deleted."""
+    now = time.time()
+    removed = []
+    for tenant in tenants:
+        base = tenant_dir(tenant, root)
+        for folder in base.iterdir() if base.is_dir() else []:
+            if folder.name.startswith((".tmp-", ".old-")) and folder.is_dir() and not folder.is_symlink() \
+                    and now - folder.stat().st_mtime > older_than_s:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
 
 
 def _resolve(ref: AvatarRef, tenant: str | None, root: str | os.PathLike | None) -> tuple[Path, str, str]:

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from lipstream import __version__
+from lipstream.avatar.store import sweep_stale_builds
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.errors import SettingsError
@@ -93,6 +94,9 @@ async def _load(app: FastAPI) -> None:
     state = app.state
     try:
         slot = await state.engines.start()
+        swept = await asyncio.to_thread(sweep_stale_builds, state.keys.tenants, state.avatars.root)
+        for folder in swept:
+            log.info("removed %s, left by an avatar build that was interrupted", folder)
         state.avatars_loaded = await state.avatars.preload(state.keys.tenants, slot.engine)
         log.info("%d avatars loaded from %s", state.avatars_loaded, state.avatars.root)
         state.ready.set()
