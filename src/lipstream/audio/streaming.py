@@ -28,6 +28,7 @@ shorter), two segments in one batched call when a frame's window straddles a 30 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -70,13 +71,16 @@ class StreamingFeatures:
     silence (never audio a frame's own window needs). None: the whole segment, closest to offline.
     lookahead_ms: audio required past a frame's window before it is emitted (0..1000).
     step_ms: the pass grid; at most one pass per `step_ms` of audio.
+    encode: runs the encoder on log-mel segments [S, 80, 3000] -> steps [S*1500, H, D]; default a
+    direct call. Streams of many sessions pass one `EncoderBatcher.encode` to share calls.
 
     One instance per audio stream; all state lives in the instance. After `flush()`, call `reset()`
     before pushing the next utterance."""
 
     def __init__(self, encoder: nn.Module, feature_extractor: WhisperFeatureExtractor, fps: int = 25,
                  context_s: float | None = DEFAULT_CONTEXT_S, lookahead_ms: float = DEFAULT_LOOKAHEAD_MS,
-                 step_ms: float = DEFAULT_STEP_MS):
+                 step_ms: float = DEFAULT_STEP_MS,
+                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if context_s is not None and context_s <= 0:
             raise ValueError(f"context_s must be > 0 or None, got {context_s}")
         if not 0 <= lookahead_ms <= 1000:
@@ -85,6 +89,7 @@ class StreamingFeatures:
             raise ValueError(f"step_ms must be > 0, got {step_ms}")
         self.encoder = encoder
         self.feature_extractor = feature_extractor
+        self._encode_mels = encode or (lambda mels: encode_mels(mels, encoder))
         self.fps = check_fps(fps)
         self.context_samples = None if context_s is None else round(context_s * SAMPLE_RATE)
         self.lookahead_samples = round(lookahead_ms * SAMPLE_RATE / 1000)
@@ -180,7 +185,7 @@ class StreamingFeatures:
     def _run_encoder(self, audio: np.ndarray) -> torch.Tensor:
         """float32 [n] audio from a segment start -> steps [ceil(n/480000)*1500, H, D]; timed."""
         began = time.perf_counter()
-        steps = encode_mels(segment_mels(audio, self.feature_extractor), self.encoder)
+        steps = self._encode_mels(segment_mels(audio, self.feature_extractor))
         if steps.device.type == "cuda":
             torch.cuda.synchronize(steps.device)
         self.last_pass_seconds = time.perf_counter() - began

@@ -279,10 +279,11 @@ async def _inprocess_client(session, speech: np.ndarray, args: argparse.Namespac
 
 async def _inprocess_clients(n: int, engine, avatar, material, compositor, speech: list[np.ndarray],
                              args: argparse.Namespace) -> dict:
-    from lipstream.stream.scheduler import Scheduler
+    from lipstream.stream.scheduler import FEATURE_WORKERS, Scheduler
     from lipstream.stream.session import Session
 
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          feature_workers=FEATURE_WORKERS)
     scheduler.start()
     stop_at = time.monotonic() + args.seconds
     rng = random.Random(n)

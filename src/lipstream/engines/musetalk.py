@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lipstream.audio.encoder_batcher import EncoderBatcher
 from lipstream.audio.features import audio_features
 from lipstream.audio.streaming import StreamingFeatures
 from lipstream.engines.base import Engine, Material
@@ -46,6 +47,8 @@ class MuseTalkEngine(Engine):
         self._cuda_graphs = compile_mode in _CUDA_GRAPH_MODES
         self._faces = self._faces_eager if compile_mode is None else torch.compile(
             self._faces_eager, mode=compile_mode, dynamic=False)
+        # live feature passes of all sessions share encoder calls (threads calling at once)
+        self.encoder_batcher = EncoderBatcher(models.whisper_encoder)
         if batch_buckets is None and compile_mode is not None:
             batch_buckets = [1 << i for i in range(11)]
         self.batch_buckets = sorted(batch_buckets) if batch_buckets else None
@@ -102,8 +105,10 @@ class MuseTalkEngine(Engine):
         return audio_features(audio, m.whisper_encoder, m.feature_extractor, fps=fps)
 
     def feature_stream(self, fps: int = 25) -> StreamingFeatures:
-        """Live whisper features with the measured defaults (audio/streaming.py)."""
-        return StreamingFeatures(self.models.whisper_encoder, self.models.feature_extractor, fps=fps)
+        """Live whisper features with the measured defaults (audio/streaming.py); the encoder passes of
+        all of this engine's streams go through one `EncoderBatcher`."""
+        return StreamingFeatures(self.models.whisper_encoder, self.models.feature_extractor, fps=fps,
+                                 encode=self.encoder_batcher.encode)
 
     @torch.inference_mode()
     def faces(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

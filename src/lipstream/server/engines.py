@@ -14,7 +14,7 @@ import torch
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.engines.select import load_engine
-from lipstream.stream.scheduler import Scheduler
+from lipstream.stream.scheduler import FEATURE_WORKERS, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class EngineHub:
         self.default: EngineSlot | None = None
 
     def _start(self, engine: Engine, reason: str) -> EngineSlot:
-        scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms)
+        scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
+                              feature_workers=FEATURE_WORKERS)
         scheduler.start()
         slot = EngineSlot(engine, reason, scheduler)
         self._slots[engine.name] = slot

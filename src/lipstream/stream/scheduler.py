@@ -51,6 +51,11 @@ class _Work:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
 
+# Feature threads a serving scheduler uses: concurrent live feature passes, which MuseTalk's
+# EncoderBatcher merges into shared encoder calls.
+FEATURE_WORKERS = 8
+
+
 class Scheduler:
     """engine: the device's engine. max_batch: most frames in one `generate` call. max_wait_ms: how long
     the first waiting frame may wait for others to join its batch. feature_workers / compose_workers:
