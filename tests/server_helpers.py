@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import threading
 import time
 from functools import cache
@@ -19,6 +18,7 @@ from face_avatar import photo_avatar
 from lipstream.avatar.model import Avatar
 from lipstream.avatar.store import save_avatar
 from lipstream.bench import scene
+from lipstream.bench.serve import free_port
 from lipstream.config import Settings, load_settings
 
 SR = 16000
@@ -69,12 +69,6 @@ def server_settings(avatars_root: Path, **overrides) -> Settings:
     flags = {"avatars_root": str(avatars_root), "models_root": str(avatars_root / "no-models"),
              "api_keys": {"k-default": "", "k-other": "other"}, **overrides}
     return load_settings(flags, environ={})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

@@ -74,7 +74,7 @@ def test_a_mirrored_cycle_keeps_only_its_first_half(scene_avatar):
                    crop_boxes=avatar.crop_boxes[order], masks=[avatar.masks[i] for i in order],
                    crops=avatar.crops[order])
     comp = Compositor(cycle)
-    assert cycle.mirrored_slots() == comp.slot == [0, 1, 2, 2, 1, 0] and len(comp.frames) == 3 and len(comp) == 6
+    assert cycle.mirrored_slots == comp.slot == [0, 1, 2, 2, 1, 0] and len(comp.frames) == 3 and len(comp) == 6
     faces = torch.from_numpy(np.stack([scenes[i].face for i in (1, 2, 0)]))
     assert np.array_equal(comp.compose([4, 3, 11], faces), Compositor(avatar).compose([1, 2, 0], faces))
     assert np.array_equal(comp.idle([5, 6]), avatar.frames[[0, 0]])

@@ -8,7 +8,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from lipstream.bench.serve import free_port
 from lipstream.cli import main
 from lipstream.demo import SAMPLE_AVATAR
 
@@ -94,12 +94,6 @@ def test_demo_without_espeak_says_how_to_install_it_or_to_pass_audio(tmp_path, r
     err = capsys.readouterr().err
     assert "espeak-ng is not installed" in err and "apt-get install espeak-ng" in err and "--audio FILE" in err
     assert not (tmp_path / "demo.mp4").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ output frame k of a session uses cycle frame k mod `len(avatar)`."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,13 @@ class Avatar:
         """(height, width) of every frame."""
         return int(self.frames.shape[1]), int(self.frames.shape[2])
 
+    @functools.cached_property
     def mirrored_slots(self) -> list[int] | None:
         """MuseTalk's cycle is the video forward then reversed, so cycle frames i and 2N-1-i are the
         same image with the same boxes and mask. If this avatar is such a cycle: [0..N-1, N-1..0], the
         index of each cycle frame's copy in the first half; else None. Whatever is computed per frame
-        (resident frames, latents) then needs only the first half."""
+        (resident frames, latents) then needs only the first half. Computed once (it compares every
+        frame), so the avatar's arrays must not change afterwards."""
         n = len(self)
         if n < 2 or n % 2:
             return None

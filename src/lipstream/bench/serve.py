@@ -353,7 +353,7 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     from lipstream.avatar.store import save_avatar
     from lipstream.config import flag_name
 
-    key, port = secrets.token_urlsafe(16), _free_port()
+    key, port = secrets.token_urlsafe(16), free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="lipstream-bench-") as folder:
         save_avatar(bench_avatar(args.size), root=Path(folder) / "avatars")
@@ -395,7 +395,8 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
                 server.wait()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -93,7 +93,7 @@ class MuseTalkEngine(Engine):
         if avatar.latents is not None:
             return {"latents": avatar.latents.to(self.device, self.dtype)}
         generator = torch.Generator(self.device).manual_seed(0)
-        slots = avatar.mirrored_slots()  # a forward+reversed cycle: encode its first half only
+        slots = avatar.mirrored_slots  # a forward+reversed cycle: encode its first half only
         if slots is None:
             return {"latents": self.avatar_latents(avatar.crops, generator=generator)}
         half = self.avatar_latents(avatar.crops[:len(avatar) // 2], generator=generator)

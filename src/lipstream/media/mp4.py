@@ -14,6 +14,7 @@ import av
 import cv2
 import numpy as np
 
+from lipstream.audio.load import as_float_mono
 from lipstream.media.output import VideoOutput
 
 # FFmpeg's AAC encoder at 16 kHz mono: 96 kb/s keeps ~35-40 dB SNR from the first frame on; at 64 kb/s the
@@ -44,9 +45,7 @@ class Mp4Output(VideoOutput):
                 audio.layout = "mono"
                 audio.bit_rate = AAC_BIT_RATE
                 self._audio_stream = audio
-                # float32 [-1, 1] for the encoder; int16 is scaled as PCM is everywhere (x / 32768)
-                self._samples = (self.audio if self.audio.dtype == np.float32
-                                 else self.audio.astype(np.float32) / 32768.0)
+                self._samples = as_float_mono(self.audio)  # float32 [-1, 1] for the encoder
             self._audio_pos = 0
         except BaseException:
             self._container.close()

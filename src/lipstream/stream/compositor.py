@@ -30,7 +30,7 @@ class Compositor:
         self.face_boxes = [tuple(int(v) for v in box) for box in avatar.face_boxes]
         self.crop_boxes = [tuple(int(v) for v in box) for box in avatar.crop_boxes]
         # slot[i]: where cycle frame i is kept. A forward+reversed cycle keeps only its first half.
-        self.slot = avatar.mirrored_slots() or list(range(len(avatar)))
+        self.slot = avatar.mirrored_slots or list(range(len(avatar)))
         kept = max(self.slot) + 1
         if self.device.type == "cpu":
             self.frames: Frames = avatar.frames[:kept]  # a view: no copy

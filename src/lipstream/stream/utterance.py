@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from lipstream.audio.load import rms_dbfs
+from lipstream.audio.load import as_float_mono, rms_dbfs
 from lipstream.stream.clock import SAMPLE_RATE
 from lipstream.stream.pcm import PcmBuffer
 
@@ -65,7 +65,7 @@ class Utterance:
         for row in range(conditioning.shape[0]):
             j = self.featured
             samples = self.pcm.read(j * SAMPLE_RATE // self.fps, (j + 1) * SAMPLE_RATE // self.fps)
-            if rms_dbfs(samples.astype(np.float32) / 32768.0) >= self.silence_dbfs:
+            if rms_dbfs(as_float_mono(samples)) >= self.silence_dbfs:
                 self._last_loud = j
             self.voiced[j] = j - self._last_loud <= self.hangover
             self.conditioning[j] = conditioning[row:row + 1]
