@@ -174,6 +174,19 @@ def _boxes(path: Path) -> list[tuple[int, int, int, int] | None]:
     return [b if b[2] > b[0] and b[3] > b[1] else None for b in boxes]
 
 
+def _crops(frames: Sequence[np.ndarray], face_boxes: np.ndarray) -> list[np.ndarray]:
+    """The 256x256 face crop of every frame; a frame shared by two cycle positions (a hard link,
+    decoded once) with the same box is cropped once."""
+    done: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+    out = []
+    for frame, box in zip(frames, face_boxes, strict=True):
+        key = (id(frame), tuple(int(v) for v in box))
+        if key not in done:
+            done[key] = crop_face(frame, key[1])
+        out.append(done[key])
+    return out
+
+
 def _read_images(paths: Sequence[Path], flags: int) -> list[np.ndarray]:
     """Decode PNGs on threads; files that are one file on disk (hard links) are decoded once and
     shared. Raises AvatarCorruptError naming the first unreadable file."""
@@ -281,7 +294,7 @@ def read_folder(folder: Path, name: str, tenant: str, *, verify: bool = False) -
                                      f"its crop box {crop_boxes[i]} is {xe - xs}x{ye - ys}")
 
     face_boxes = np.int32([boxes[k] for k in owner])
-    crops = np.stack([crop_face(frame, tuple(box)) for frame, box in zip(frames, face_boxes, strict=True)])
+    crops = np.stack(_crops(frames, face_boxes))
     landmarks = None
     if (folder / LANDMARKS).is_file():
         try:
