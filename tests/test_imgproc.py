@@ -223,10 +223,10 @@ def test_blend_batch_with_different_boxes_bchw(make_scene):
         assert np.array_equal(as_numpy(out[i].permute(1, 2, 0)), ref)
 
 
-def test_linear_blend_equals_pils_integer_rounding_for_every_input():
-    """All 256^3 (face, frame, mask) triples: the fused float32 OpenCV blend equals PIL's
+def test_blend_pixels_equals_pils_integer_rounding_for_every_input():
+    """All 256^3 (face, frame, mask) triples: the OpenCV integer blend equals PIL's
     DIV255(face*m + frame*(255-m)), written into a view of a larger frame."""
-    from lipstream.imgproc.cv_ops import linear_blend
+    from lipstream.imgproc.cv_ops import blend_pixels
 
     face, frame, m = (v.astype(np.uint8).reshape(4096, 4096) for v in np.meshgrid(
         np.arange(256), np.arange(256), np.arange(256), indexing="ij"))
@@ -235,7 +235,7 @@ def test_linear_blend_equals_pils_integer_rounding_for_every_input():
     big = np.zeros((4100, 4100, 1), np.uint8)
     view = big[2:4098, 3:4099]
     view[..., 0] = frame
-    linear_blend(face[..., None], view, m)
+    blend_pixels(face[..., None], view, m, view)
     assert np.array_equal(view[..., 0], expected)
     assert not big[:2].any() and not big[:, :3].any(), "only the view is written"
 
@@ -248,15 +248,18 @@ def test_composite_numpy_bit_exact_with_original_1080p(make_scene):
     assert np.array_equal(out, ref)
 
 
-@pytest.mark.parametrize("band", [(0, 0), (200, 201), (0, 360), (350, 360), (5, 120)])
-def test_numpy_bit_exact_when_the_mask_reaches_only_some_rows(make_scene, band):
-    """The NumPy path sharpens and blends only the rows the mask reaches: any band must still give
-    the original's result (including bands at the face box's top and bottom edges, and none)."""
+@pytest.mark.parametrize("band", [(0, 0, 0, 260), (200, 201, 0, 260), (0, 360, 0, 260), (350, 360, 0, 260),
+                                  (5, 120, 0, 260), (5, 120, 0, 10), (100, 300, 250, 260), (0, 360, 130, 131),
+                                  (40, 41, 2, 3)])
+def test_numpy_bit_exact_when_the_mask_reaches_only_part_of_the_face_box(make_scene, band):
+    """The NumPy path sharpens and blends only the rows and columns the mask reaches: any band must
+    still give the original's result (including bands at the face box's edges, and none)."""
     scene = make_scene(frame_hw=(720, 1280), face_box=(500, 150, 760, 510))
     rng = np.random.default_rng(band[0])
     mask = np.zeros_like(scene.mask)
-    top = 150 - scene.crop_box[1]
-    mask[top + band[0]:top + band[1]] = rng.integers(0, 256, mask[top + band[0]:top + band[1]].shape)
+    top, left = 150 - scene.crop_box[1], 500 - scene.crop_box[0]
+    rows, cols = slice(top + band[0], top + band[1]), slice(left + band[2], left + band[3])
+    mask[rows, cols] = rng.integers(1, 256, mask[rows, cols].shape)
     ref = original.postprocess(scene.frame, scene.face, scene.face_box, mask, scene.crop_box)
     out = imgproc.composite(scene.frame, scene.face, scene.face_box, mask, scene.crop_box)
     assert np.array_equal(out, ref)

@@ -1,7 +1,9 @@
 """`lipstream bench postprocess`: the per-frame resize -> unsharp -> blend, MuseTalk-original style
 against lipstream on NumPy, on torch CPU tensors and (when present) on CUDA, in one run.
 
-Timings are medians in ms per frame. CPU paths take one frame at a time; torch paths also run a
+Timings are medians in ms per frame. CPU paths take one frame at a time, writing a new frame (as
+the original does) and, for the NumPy pipeline, also in place; a single NumPy frame copies its
+unchanged pixels on a second core while the face is processed. The NumPy and torch paths also run a
 batch of 16 frames (each with its own, slightly moved face box, as a real avatar's boxes are) and
 report the time per frame. On CUDA, "frame on GPU" keeps frames, faces and masks resident and
 composites in place; "with copies" adds the host->device upload of the frames and the download of
@@ -76,6 +78,11 @@ def _cpu_rows(name: str, s: Scene, reps: int) -> list[dict]:
             ms = median_ms(fn, reps)
             rows.append({"size": name, "operation": op, "impl": impl, "batch": 1, "original_ms": base,
                          "lipstream_ms": ms, "speedup": base / ms})
+    # a caller that owns its frame (a decoded video frame, a buffer it fills anyway) composites in place
+    base = rows[-1]["original_ms"]  # the original's whole pipeline
+    ms = median_ms(lambda: imgproc.composite(out, s.face, s.face_box, s.mask, s.crop_box, out=out), reps)
+    rows.append({"size": name, "operation": "pipeline, in place", "impl": "numpy", "batch": 1, "original_ms": base,
+                 "lipstream_ms": ms, "speedup": base / ms})
     return rows
 
 
@@ -149,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["operation"].startswith("pipeline") and r["impl"] == "numpy":
             ok = r["speedup"] >= TARGET_CPU_SPEEDUP
-            verdicts.append(f"{r['size']} CPU pipeline, batch {r['batch']}: {r['speedup']:.1f}x vs target >= {TARGET_CPU_SPEEDUP:.0f}x: "
+            verdicts.append(f"{r['size']} CPU {r['operation']}, batch {r['batch']}: {r['speedup']:.1f}x vs target "
+                            f">= {TARGET_CPU_SPEEDUP:.0f}x: "
                             f"{'met' if ok else 'MISSED'}")
         if r["impl"] == "cuda" and r["batch"] == BATCH and r["operation"].endswith("frame on device"):
             ok = r["lipstream_ms"] <= TARGET_GPU_MS_PER_FRAME

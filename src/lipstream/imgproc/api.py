@@ -271,7 +271,8 @@ def blend(frame: Image, face: Image, face_box: Sequence[int], mask: Any, crop_bo
     mask: uint8 [ch,cw] sized to the crop box (or one per frame). The face is pasted at face_box inside
     the crop, and the crop is composited into the frame through the mask; only face box ∩ crop box ∩
     frame is touched. Returns a new frame, or writes into `out` (which may be `frame` itself)."""
-    layout, frames, result = _prepare_frames(frame, face, layout, out)
+    numpy = isinstance(frame, np.ndarray)
+    layout, frames, result = _prepare_frames(frame, face, layout, out, copy=not numpy)
     count, face_boxes, crop_boxes = _boxes_for(layout, frames, face_box, crop_box)
     masks = _per_frame_masks(mask, layout, count, crop_boxes)
     faces = _to_bhwc(face, layout)
@@ -279,10 +280,9 @@ def blend(frame: Image, face: Image, face_box: Sequence[int], mask: Any, crop_bo
         if tuple(faces.shape[1:3]) != box_size(box):
             raise ValueError(f"face is {tuple(faces.shape[1:3])} (h, w) but face_box {box} is {box_size(box)}: "
                              "resize it to the box first, or use composite()")
-    if isinstance(frame, np.ndarray):
-        target = _to_bhwc(result, layout)
-        for b in range(count):
-            cv_ops.blend_into(target[b], np.ascontiguousarray(faces[b]), face_boxes[b], masks[b], crop_boxes[b])
+    if numpy:
+        _composite_numpy(frames, None if result is frame else _to_bhwc(result, layout), faces, face_boxes, masks,
+                         crop_boxes, resize_face=False)
         return result
 
     integer = frame.dtype == torch.uint8
@@ -313,16 +313,8 @@ def composite(frames: Image, faces: Image, face_boxes: Any, masks: Any, crop_box
     integer = frames.dtype in (np.uint8, torch.uint8)
     sharpen_params = (resolve_kernel(sigma, None, integer=integer)[0], float(sigma), amount, threshold) if sharpen else None
     if numpy:
-        target, face_bhwc = _to_bhwc(result, layout), _to_bhwc(faces, layout)
-        fill = result is not frames
-
-        def one(b: int) -> None:  # the frame's copy into `out` happens here too, in parallel
-            if fill:
-                target[b][...] = frames_bhwc[b]
-            cv_ops.composite_one(target[b], np.ascontiguousarray(face_bhwc[b]), face_box_list[b], mask_list[b],
-                                 crop_box_list[b], sharpen_params)
-
-        cv_ops.for_each_frame(one, count)
+        _composite_numpy(frames_bhwc, None if result is frames else _to_bhwc(result, layout), _to_bhwc(faces, layout),
+                         face_box_list, mask_list, crop_box_list, sharpen_params=sharpen_params)
         return result
 
     def patches(src: torch.Tensor, src_faces: torch.Tensor) -> list[torch_ops.Patch]:
@@ -332,6 +324,23 @@ def composite(frames: Image, faces: Image, face_boxes: Any, masks: Any, crop_box
                                            integer=integer)
 
     return _apply_patches(result, layout, _with_cpu_fallback("composite", patches, frames, faces))
+
+
+def _composite_numpy(frames: np.ndarray, out: np.ndarray | None, faces: np.ndarray, face_boxes: list[Box],
+                     masks: list[Any], crop_boxes: list[Box], **options: Any) -> None:
+    """cv_ops.composite_frame for each [B,H,W,C] frame, in place (out None) or into the distinct frames
+    `out`, which also receive the unchanged pixels. A batch spreads its frames over the cores; a single
+    frame copies its unchanged pixels on another core while its face is processed."""
+
+    def one(b: int, parallel_copy: bool = False) -> None:
+        src = frames[b]
+        cv_ops.composite_frame(src, src if out is None else out[b], np.ascontiguousarray(faces[b]), face_boxes[b],
+                               masks[b], crop_boxes[b], parallel_copy=parallel_copy, **options)
+
+    if len(frames) == 1:
+        one(0, parallel_copy=cv_ops.CORES > 1)
+    else:
+        cv_ops.for_each_frame(one, len(frames))
 
 
 def _apply_patches(result: torch.Tensor, layout: Layout, patches: list[torch_ops.Patch]) -> torch.Tensor:
