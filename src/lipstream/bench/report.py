@@ -1,6 +1,7 @@
 """Timing and result files shared by every benchmark.
 
-Each benchmark times with `median_ms` (wall clock, or CUDA events through `sync`), prints a table with
+Each benchmark times with `median_ms` (wall clock, or CUDA events on a GPU) or, to compare with a
+baseline on the CPU, `interleaved_median_ms`, prints a table with
 `format_table`, and records its rows with `write_results` as
 `bench/results/<name>-<device>-<date>.json` holding device, commit, date, settings and medians."""
 
@@ -13,7 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +44,25 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3, device: torc
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_median_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 3,
+                          block: int = 10) -> list[float]:
+    """Median wall-clock milliseconds of each of `fns` over `reps` calls, taken in turns of `block`
+    calls each, so that a baseline and its contenders share the same stretch of time: on a shared
+    host the speed drifts over seconds, and timing each in one stretch would put that drift into
+    their ratio. Within a turn the calls run back to back, as in a plain loop."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    while len(times[0]) < reps:
+        for fn, record in zip(fns, times):
+            for _ in range(min(block, reps - len(record))):
+                t0 = time.perf_counter()
+                fn()
+                record.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(record) for record in times]
 
 
 def device_name(device: torch.device | str) -> str:
