@@ -293,7 +293,9 @@ def test_composite_without_sharpen(make_scene):
 
 
 def test_composite_batch_with_different_boxes_per_frame(make_scene):
-    boxes = [(500, 150, 760, 470), (0, 0, 180, 230), (1100, 520, 1280, 720), (600, 300, 611, 317)]
+    # different sizes and positions, at the frame's edges, and one wholly outside the frame
+    boxes = [(500, 150, 760, 470), (0, 0, 180, 230), (1100, 520, 1280, 720), (600, 300, 611, 317),
+             (1300, 100, 1420, 240)]
     scenes = [make_scene(face_box=b, seed=i) for i, b in enumerate(boxes)]
     frames = np.stack([s.frame for s in scenes])
     faces = np.stack([s.face for s in scenes])
@@ -308,6 +310,10 @@ def test_composite_batch_with_different_boxes_per_frame(make_scene):
         # batching changes nothing: each frame equals its own single-frame call
         single = imgproc.composite(torch.from_numpy(s.frame), torch.from_numpy(s.face), s.face_box, s.mask, s.crop_box)
         assert np.array_equal(out_t[i], as_numpy(single))
+    assert np.array_equal(out_np[4], frames[4]) and np.array_equal(out_t[4], frames[4])
+    in_place = torch.from_numpy(frames.copy())
+    assert imgproc.composite(in_place, torch.from_numpy(faces), boxes, masks, crops, out=in_place) is in_place
+    assert np.array_equal(as_numpy(in_place), out_t)
 
 
 def test_composite_out_buffer_and_bchw(make_scene):
