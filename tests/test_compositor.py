@@ -32,6 +32,22 @@ def test_compose_equals_imgproc_composite_per_frame_and_wraps_the_cycle(scene_av
     assert np.array_equal(avatar.frames[2], scenes[2].frame), "the avatar's frames must stay untouched"
 
 
+@pytest.mark.parametrize("indices", [[0, 1, 2], [2, 1, 0], [1], [0, 2, 1], [1, 1], [2, 3]])
+def test_compose_reads_consecutive_frames_in_place_and_others_as_copies(scene_avatar, indices):
+    """Runs of cycle frames (forward, backward, one frame) are read without a gather; any order gives
+    the same frames as compositing each alone, and the avatar's frames stay untouched."""
+    avatar, scenes = scene_avatar
+    before = avatar.frames.copy()
+    cycle = [i % 3 for i in indices]
+    faces = torch.from_numpy(np.stack([scenes[i].face for i in cycle]))
+    out = Compositor(avatar).compose(indices, faces)
+    assert out.shape == (len(indices), 360, 640, 3) and not np.shares_memory(out, avatar.frames)
+    for got, i in zip(out, cycle):
+        s = scenes[i]
+        assert np.array_equal(got, composite(s.frame, s.face, s.face_box, s.mask, s.crop_box))
+    assert np.array_equal(avatar.frames, before)
+
+
 def test_idle_is_a_copy_of_the_avatar_frames(scene_avatar):
     avatar, _ = scene_avatar
     idle = Compositor(avatar).idle([1, 4])

@@ -6,6 +6,7 @@ device, so no full frame crosses the bus; NumPy for the CPU, where OpenCV does t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,11 +72,17 @@ class Compositor:
         if faces.ndim != 4 or faces.shape[0] != len(indices) or faces.dtype != torch.uint8:
             raise ValueError(f"faces must be uint8 [{len(indices)}, h, w, 3], got {faces.dtype} {tuple(faces.shape)}")
         cycle = self._cycle(indices)
+        slots = [self.slot[i] for i in cycle]
+        boxes = ([self.face_boxes[i] for i in cycle], [self.masks[s] for s in slots], [self.crop_boxes[i] for i in cycle])
+        if isinstance(self.frames, np.ndarray):
+            step = slots[1] - slots[0] if len(slots) > 1 else 1
+            if step and all(b - a == step for a, b in itertools.pairwise(slots)):
+                # consecutive cycle frames: read them in place; each new frame is filled in parallel,
+                # around its face, as it is composited
+                return composite(self.frames[slots[0]::step][:len(slots)], faces.cpu().numpy(), *boxes,
+                                 sharpen=self.sharpen)
+            frames = self.frames[slots]
+            return composite(frames, faces.cpu().numpy(), *boxes, sharpen=self.sharpen, out=frames)
         frames = self.idle(cycle)
-        if isinstance(frames, np.ndarray):
-            faces = faces.cpu().numpy()
-        else:
-            faces = faces.to(self.device)
-        return composite(frames, faces, [self.face_boxes[i] for i in cycle], [self.masks[self.slot[i]] for i in cycle],
-                         [self.crop_boxes[i] for i in cycle], sharpen=self.sharpen, out=frames)
+        return composite(frames, faces.to(self.device), *boxes, sharpen=self.sharpen, out=frames)
 
