@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from lipstream.bench.serve import free_port
+from lipstream.bench.serve import free_port, stop_process
 from lipstream.cli import main
 from lipstream.demo import SAMPLE_AVATAR
 
@@ -125,9 +125,4 @@ def test_demo_serve_runs_the_server_with_the_sample_avatar(tmp_path, roots, voic
                 time.sleep(0.2)
         assert SAMPLE_AVATAR in json.dumps(listed)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, signal.SIGINT)

@@ -387,12 +387,17 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
                 time.sleep(0.2)
             yield url, key
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server, signal.SIGTERM)
+
+
+def stop_process(process: subprocess.Popen, sig: int, timeout_s: float = 30.0) -> None:
+    """Send `sig` to `process` and wait for it to exit; kill it if it has not within `timeout_s`."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:

@@ -97,10 +97,10 @@ def composite_frame(src: np.ndarray, dst: np.ndarray, face: np.ndarray, face_box
     into `src` with PIL's rounding; the result goes to `dst`.
 
     src, dst: uint8 [H,W,C], the same array (in place) or two frames of one shape; face: uint8 [fh,fw,C];
-    mask: uint8 [ch,cw], crop-box sized. Only the pixels the mask reaches are resized, sharpened
-    (reading `ksize // 2` pixels around them, so the result equals processing the whole face box) and
-    blended. When dst is a distinct frame the other pixels are copied into it, on another core while
-    the face is processed if `parallel_copy` (for a single frame: the copy costs about as much as the rest)."""
+    mask: uint8 [ch,cw], crop-box sized. Only the pixels the mask reaches are sharpened (reading
+    `ksize // 2` pixels around them, so the result equals sharpening the whole face box) and blended.
+    When dst is a distinct frame the other pixels are copied into it, on another core while the face
+    is processed if `parallel_copy` (for a single frame, where the copy is a large share of the time)."""
     region = changed_region(face_box, mask, crop_box, src.shape[0], src.shape[1])
     copying = None
     if dst is not src:

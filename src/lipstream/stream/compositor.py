@@ -73,16 +73,16 @@ class Compositor:
             raise ValueError(f"faces must be uint8 [{len(indices)}, h, w, 3], got {faces.dtype} {tuple(faces.shape)}")
         cycle = self._cycle(indices)
         slots = [self.slot[i] for i in cycle]
-        boxes = ([self.face_boxes[i] for i in cycle], [self.masks[s] for s in slots], [self.crop_boxes[i] for i in cycle])
+        per_frame = ([self.face_boxes[i] for i in cycle], [self.masks[s] for s in slots],
+                     [self.crop_boxes[i] for i in cycle])
         if isinstance(self.frames, np.ndarray):
+            faces = faces.cpu().numpy()
             step = slots[1] - slots[0] if len(slots) > 1 else 1
             if step and all(b - a == step for a, b in itertools.pairwise(slots)):
                 # consecutive cycle frames: read them in place; each new frame is filled in parallel,
                 # around its face, as it is composited
-                return composite(self.frames[slots[0]::step][:len(slots)], faces.cpu().numpy(), *boxes,
-                                 sharpen=self.sharpen)
-            frames = self.frames[slots]
-            return composite(frames, faces.cpu().numpy(), *boxes, sharpen=self.sharpen, out=frames)
+                return composite(self.frames[slots[0]::step][:len(slots)], faces, *per_frame, sharpen=self.sharpen)
+        else:
+            faces = faces.to(self.device)
         frames = self.idle(cycle)
-        return composite(frames, faces.to(self.device), *boxes, sharpen=self.sharpen, out=frames)
-
+        return composite(frames, faces, *per_frame, sharpen=self.sharpen, out=frames)
