@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from face_avatar import photo_avatar
@@ -216,6 +217,8 @@ def test_teeth_come_from_the_most_open_frame(hopper_material, material):
     landmarks = np.stack([hopper_material["landmarks"][0].numpy(), material["landmarks"][0].numpy()])
     assert np.array_equal(avatar_teeth(crops, landmarks), material["teeth"][0].numpy())
     assert np.array_equal(avatar_teeth(crops[:1], landmarks[:1]), hopper_material["teeth"][0].numpy())
+    flat = avatar_teeth(np.full((1, 256, 256, 3), 90, np.uint8), np.zeros((1, 478, 2), np.float32))
+    assert flat.shape == (2, TEETH_ROWS, TEETH_COLS, 4)  # landmarks without a mouth: drawn teeth, no error
 
 
 def test_only_the_mouth_region_moves(material):
@@ -418,3 +421,24 @@ def test_bench_warp_runs_and_writes_json(tmp_path, capsys):
     assert doc["benchmark"] == "warp" and doc["settings"]["threads"] == 1
     row = doc["rows"][0]
     assert row["size"] == "720p" and row["frames_per_s"] > 0 and row["moving_fraction"] > 0.5
+
+
+def test_bench_warp_faces_writes_figures_and_a_contact_sheet(tmp_path, capsys):
+    from lipstream.bench import cli
+
+    wav = tmp_path / "speech.wav"
+    pause = silence(0.8)
+    soundfile.write(wav, np.concatenate([pause, synthetic_speech(1.5, seed=3), pause]), 16000)
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "warp-faces", "--faces", "astronaut", "nobody", "--audio", str(wav),
+                              "--out-dir", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "nobody: skipped, unknown face" in out and "| astronaut |" in out
+    doc = json.loads(next(tmp_path.glob("warp-faces-*.json")).read_text())
+    (row,) = doc["rows"]
+    assert row["face"] == "astronaut" and row["frames"] == 77 and row["silent_mouth_change"] == 0
+    assert row["unsilent_r"] > 0.7 and row["chin_aperture_r"] > 0.7
+    sheet = next(tmp_path.glob("warp-faces-*.jpg"))
+    assert sheet.stat().st_size < 300_000

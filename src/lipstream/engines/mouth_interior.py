@@ -29,8 +29,8 @@ UPPER_TEETH, LOWER_TEETH = 0.16, 0.08  # visible height of the drawn central tee
 UPPER_EDGES = (0.0, 0.3, 0.53)  # boundaries (|u|) between the front teeth: central incisors, laterals, canines
 LOWER_EDGES = (0.0, 0.2, 0.38)
 GAP_SHADE = 0.12  # a boundary is this much darker
-ARCH_END = (0.9, 0.5)  # the drawn upper and lower arches fade out by this |u| (the corners' shadow)
-CORRIDOR = 0.8  # teeth darken by this x u^2 towards the corners
+ARCH_END = (0.82, 0.5)  # the drawn upper and lower arches fade out by this |u| (the corners' shadow)
+CORRIDOR = 1.0  # teeth darken by this x u^2 towards the corners
 LOWER_SHADE = 0.75  # the lower teeth are in the upper teeth's and lip's shadow
 TEETH_LUMA = (1.15, 110.0, 225.0)  # teeth brightness: skin luma x this, clamped to [lo, hi]
 TEETH_TINT = 0.5  # how much of the skin's colour cast the teeth keep (0: neutral grey)
@@ -38,7 +38,7 @@ CAVITY_TINT = np.float32([0.7, 0.7, 1.0])  # BGR: the cavity is redder than the 
 CAVITY_SHADE = (0.4, 0.12)  # cavity brightness vs the lips' colour: at the lips, in the middle
 TONGUE_TINT = np.float32([0.6, 0.62, 0.9])
 TONGUE_TOP = (0.58, 0.3)  # the tongue's top: this share of the opening down, plus this x u^2
-TONGUE_PX = (6.0, 14.0)  # the tongue shows from this opening height (pixels) on, fully from the next
+TONGUE_PX = (8.0, 18.0)  # the tongue shows from this opening height (pixels) on, fully from the next
 # skin samples for the teeth's tone: cheeks beside the nose wings and mouth, below the lower lip, the chin
 SKIN_POINTS = (205, 425, 50, 280, 18, 200, 199)
 
@@ -72,7 +72,7 @@ def _arch(u: np.ndarray, r: np.ndarray, height: float, edges: tuple[float, ...],
     alpha *= np.clip((end - side) / 0.15, 0.0, 1.0)[None]
     gaps = sum(np.exp(-(((side - e) / 0.012) ** 2)) for e in edges)
     light = (1.0 - CORRIDOR * side**2) * (1.0 - GAP_SHADE * np.minimum(gaps, 1.0))
-    under_lip = 0.75 + 0.25 * np.clip(r / (2 * ROW_STEP), 0.0, 1.0)  # the lip's shadow
+    under_lip = 0.6 + 0.4 * np.clip(r / (3 * ROW_STEP), 0.0, 1.0)  # the lip's shadow
     brightness = shade * light[None] * under_lip[:, None]
     return np.concatenate([brightness[..., None] * tone, 255.0 * alpha[..., None]], axis=-1)
 
@@ -122,7 +122,7 @@ def paint_opening(region: np.ndarray, alpha: np.ndarray, lips: np.ndarray, u: np
     tongue_top = TONGUE_TOP[0] + TONGUE_TOP[1] * u * u
     tongue = np.clip((depth - tongue_top) * height * scale / 2 + 0.5, 0.0, 1.0)
     tongue *= np.clip((height * scale - TONGUE_PX[0]) / (TONGUE_PX[1] - TONGUE_PX[0]), 0.0, 1.0)
-    tongue_colour = ((0.25 + 0.25 * depth) * corner)[..., None] * (lips * TONGUE_TINT)
+    tongue_colour = ((0.2 + 0.25 * depth) * corner)[..., None] * (lips * TONGUE_TINT)
     inner += tongue[..., None] * (tongue_colour - inner)
     if teeth is not None:
         column = ((u + 1.0) * (0.5 * (TEETH_COLS - 1))).astype(np.float32)

@@ -11,7 +11,8 @@ between the inner lips). A displacement field, computed only over the region it 
     moving part is lens-shaped at the lips (the corners stay) and widens into a block towards the
     chin, within the face oval; below the chin its motion fades out by the crop's bottom rows, so the
     neck there is squeezed (at most 1/(1-SQUEEZE) times), never folded or torn;
-  - open < 0: the lips towards each other: they close their own gap and press together by PRESS;
+  - open < 0: the lips towards each other: they close their own gap and press together by PRESS,
+    the lower half of it with the jaw rising by JAW_SHARE of its part;
   - wide / round: the corners out / in, fading with distance;
 
 and cv2.remap samples the crop through it. The new opening between the moved lips is drawn by
@@ -128,8 +129,9 @@ def _motion(frame: MouthFrame, jaw: _Jaw, pixels: np.ndarray, x: np.ndarray, y: 
     opening, closing = max(open_, 0.0), max(-open_, 0.0)
     grow = opening * max(OPEN_APERTURE - frame.lips_apart, OPEN_MORE)
     rise = UPPER_SHARE * grow
-    drop = min(JAW_SHARE * grow, jaw.max_drop)
-    lip_drop = grow - rise - drop  # the lower lip's own part, on top of the jaw
+    lift = JAW_SHARE * closing * (frame.lips_apart + PRESS) / 2  # closing lips: the jaw rises with them
+    drop = min(JAW_SHARE * grow, jaw.max_drop) - lift
+    lip_drop = grow - rise - drop - lift  # the lower lip's own part, on top of the jaw
     # nothing moves on the crop's top and side borders (EDGE pixels), then the field fades in over EDGE
     border = np.minimum(np.minimum(pixels[..., 0], CROP - 1 - pixels[..., 0]), pixels[..., 1])
     movable = _fall(border, 2 * EDGE, EDGE)
@@ -145,7 +147,8 @@ def _motion(frame: MouthFrame, jaw: _Jaw, pixels: np.ndarray, x: np.ndarray, y: 
     block = _fall(np.abs(x) / jaw_width, LENS_FLAT + (JAW_FLAT - LENS_FLAT) * to_chin, 1.0)
     below_chin = _fall(pixels[..., 1], jaw.hold_row, jaw.end_row)
     lip_fade = _fall(y, frame.lip_bottom_y, (frame.lip_bottom_y + frame.chin_y) / 2)
-    dy_lower = (drop * block * below_chin + (lip_drop * lens - press) * lip_fade) * movable
+    dy_lower = (drop * block * below_chin + (lip_drop * lens - np.maximum(press - lift * block, 0.0)) * lip_fade)
+    dy_lower *= movable
     # corners in/out: x scaled about the centre, fading away from the mouth and towards nose and chin
     side = _fall(np.abs(x), 1.0, SIDE_REACH) / float(_fall(np.array(1.0), 1.0, SIDE_REACH))
     dx = (width - 1.0) * x * side * upper_fade * lip_fade

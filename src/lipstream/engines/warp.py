@@ -63,7 +63,13 @@ def detect_crop_landmarks(crops: np.ndarray, name: str = "avatar") -> np.ndarray
 def avatar_teeth(crops: np.ndarray, landmarks: np.ndarray) -> Teeth:
     """The teeth of an avatar (crops uint8 [N, 256, 256, 3] BGR, landmarks float32 [N, 478, 2] crop
     pixels): the interior of its most open mouth if that shows teeth, else drawn in its skin's tone."""
-    apart = [mouth_frame(points).lips_apart for points in landmarks]
+    def lips_apart(points: np.ndarray) -> float:
+        try:
+            return mouth_frame(points).lips_apart
+        except ValueError:  # no mouth to speak of in this frame's landmarks: it shows no teeth either
+            return 0.0
+
+    apart = [lips_apart(points) for points in landmarks]
     best = int(np.argmax(apart))
     if apart[best] >= OWN_TEETH:
         return teeth_from_frame(crops[best], mouth_frame(landmarks[best]))
