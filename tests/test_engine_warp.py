@@ -132,6 +132,19 @@ def test_lip_shapes_follow_the_sounds(engine):
         assert states[5:11].min() > 0.7 and states[-4:].min() > 0.7  # open around it
 
 
+def test_lip_shapes_change_smoothly(engine):
+    """No flicker: over synthetic speech the lip shape moves at most half-way to a new target per
+    frame; on a steady vowel over noise (with a slow tremolo) the state barely moves between frames."""
+    states = engine.features(synthetic_speech(6.0, seed=4), FPS)
+    assert (states[:, 1:].diff(dim=0).abs() <= 0.5).all()
+    rng = np.random.default_rng(5)
+    steady = vowel(2.0, -18, formants=(500, 1700))
+    steady *= (1 + 0.2 * np.sin(2 * np.pi * 3 * np.arange(steady.size) / 16000)).astype(np.float32)
+    steady += rng.normal(0, 10 ** (-45 / 20), steady.size).astype(np.float32)
+    held = engine.features(steady, FPS)[5:-2]
+    assert held[:, 0].min() > 0.4 and (held.diff(dim=0).abs() < 0.12).all()  # it follows the tremolo, gently
+
+
 def inner_lip_gap(mesh: FaceMesh, face: np.ndarray) -> float:
     points = mesh.detect(face)
     assert points is not None, "the face mesh must still find the face"
