@@ -292,6 +292,11 @@ def test_the_jaw_drops_and_the_neck_below_gives_way(material):
         assert (np.diff(column) >= 0).all()  # down the chin and neck: no fold
         assert np.array_equal(face[256 - BOTTOM_STILL:], chart[256 - BOTTOM_STILL:])
     assert 2 < drops[0] < drops[1] < 20
+    cut = landmarks.copy()  # a chin at the crop's very bottom (the face box cut by the frame): no room
+    cut[CHIN, 1] = 255.5
+    face = warp_mouth(chart, cut, np.float32([1, 0, 0]), no_teeth)
+    assert np.array_equal(face[256 - BOTTOM_STILL:], chart[256 - BOTTOM_STILL:])
+    assert abs(int(face[250, x, 0]) - 250) <= 1  # the jaw could not drop: the rows above the edge stay
 
 
 def test_the_mouth_follows_speech_on_real_faces(engine, avatar, mesh):

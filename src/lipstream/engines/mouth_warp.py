@@ -64,7 +64,7 @@ class _Jaw:
         seam_row = float(frame.origin[1])
         chin_row = float(landmarks[CHIN, 1])
         self.end_row = float(CROP - 1 - BOTTOM_STILL)
-        self.hold_row = min(chin_row - JAW_HOLD * max(chin_row - seam_row, 0.0), self.end_row)
+        self.hold_row = min(chin_row - JAW_HOLD * max(chin_row - seam_row, 0.0), self.end_row - 1.0)
         room = self.end_row - self.hold_row  # the fade's steepest slope is 1.5 per room
         self.max_drop = max(SQUEEZE * room / 1.5, 0.0) / frame.scale
 
