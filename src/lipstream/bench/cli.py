@@ -10,6 +10,7 @@ BENCHMARKS = {
     "postprocess": ("postprocess", "per-frame resize + unsharp + blend: MuseTalk-original style vs lipstream"),
     "audio-streaming": ("audio_streaming", "streaming vs offline whisper features: difference by context and look-ahead"),
     "warp": ("warp", "the warp engine on one CPU thread: mouth features + warp + composite, frames/s at 720p"),
+    "warp-faces": ("warp_faces", "the warp engine on real face photos: mouth vs speech, chin, silence, contact sheet"),
     "engine": ("engine", "MuseTalk UNet + VAE decode (random full-size weights): frames/s, latency, memory"),
     "serve": ("serve", "N clients speaking to live sessions in real time (through the server, or in-process): fps, first-frame latency, drops"),
     "avatar-prepare": ("avatar_prepare", "avatar preparation of a synthetic 10 s 720p face video, without latents"),
