@@ -38,6 +38,7 @@ class FaceMesh:
     re-runs the face detector on every frame, so 1 is the fast choice for a one-person video."""
 
     def __init__(self, static: bool = True, min_confidence: float = 0.5, max_faces: int = 4):
+        _restore_get_prototype()
         from mediapipe.python.solutions import face_mesh
 
         self._mesh = face_mesh.FaceMesh(static_image_mode=static, max_num_faces=max_faces, refine_landmarks=True,
@@ -63,3 +64,14 @@ class FaceMesh:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _restore_get_prototype() -> None:
+    """MediaPipe 0.10.21's bindings call `MessageFactory.GetPrototype`, which protobuf 5 removed (it
+    prints an AttributeError on import, then falls back). Restore it as the alias of
+    `GetMessageClass` it was, before mediapipe is first imported."""
+    from google.protobuf import message_factory
+
+    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: message_factory.GetMessageClass(
+            descriptor)
