@@ -259,7 +259,7 @@ class LipstreamClient:
 class RemoteSession:
     """A session on a server with its WebSocket connected (made by `LipstreamClient.open_session`).
 
-    id, avatar, fps, width, height: the session's (the frames' size after the server's scaling);
+    id, avatar, engine, fps, width, height: the session's (the frames' size after the server's scaling);
     hello: the server's first message. Use from one task at a time for sending and one for `frames()`."""
 
     def __init__(self, client: LipstreamClient, ws: ClientConnection, info: dict):
@@ -267,6 +267,7 @@ class RemoteSession:
         self.info = info
         self.id: str = info["id"]
         self.avatar: str = info["avatar"]
+        self.engine: str = info["engine"]
         self.fps: int = info["fps"]
         self.width: int = info["width"]
         self.height: int = info["height"]

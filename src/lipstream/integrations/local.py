@@ -121,13 +121,15 @@ class LocalSessions:
 class LocalSession:
     """A `Session` of this process behind the interface of `lipstream.client.RemoteSession`.
 
-    id, avatar, fps, width, height: the session's (the frames' size after scaling to `output_height`)."""
+    id, avatar, engine, fps, width, height: the session's (the frames' size after scaling to `output_height`).
+    session: the `Session` itself."""
 
     def __init__(self, host: LocalSessions, session: Session, output_height: int):
         self.host = host
         self.session = session
         self.id = session.id
         self.avatar = session.avatar.name
+        self.engine = session.engine.name
         self.fps = session.fps
         self.output_height = output_height
         self.height, self.width = output_size(session.avatar.frame_size, output_height)

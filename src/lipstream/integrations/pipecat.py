@@ -34,7 +34,6 @@ import logging
 import os
 
 import numpy as np
-import soxr
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -53,6 +52,7 @@ from pipecat.services.settings import ServiceSettings
 from pipecat.utils.errors import ErrorCategory
 
 from lipstream import errors
+from lipstream.audio.load import PcmStream
 from lipstream.client import AvatarFrame, LipstreamClient, RemoteSession
 from lipstream.errors import AudioFormatError, LipstreamError
 from lipstream.integrations.local import LocalSession, LocalSessions
@@ -104,8 +104,7 @@ class LipstreamVideoService(AIService):
         self._client: LipstreamClient | None = None
         self._session: LocalSession | RemoteSession | None = None
         self._player: asyncio.Task | None = None
-        self._resampler: soxr.ResampleStream | None = None
-        self._resampler_key: tuple[int, int] | None = None
+        self._pcm: PcmStream | None = None  # the utterance's audio -> 16 kHz mono
         self._utterance_open = False
         self._pushed = 0  # 16 kHz samples of speech given to the session since the last interruption
         self._played = 0  # ... and heard since then (speaking frames' audio)
@@ -206,7 +205,8 @@ class LipstreamVideoService(AIService):
         self._utterance_open = True
 
     def _to_16k(self, frame: TTSAudioRawFrame) -> np.ndarray:
-        """The frame's audio as int16 [n] mono 16 kHz (through this utterance's stream resampler)."""
+        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's PcmStream; a new one,
+        after the old one's tail, when the rate or the channels change)."""
         audio, rate, channels = frame.audio, frame.sample_rate, frame.num_channels
         if not isinstance(audio, bytes | bytearray | memoryview) or not isinstance(channels, int) or channels < 1:
             raise AudioFormatError(f"a TTSAudioRawFrame must carry 16-bit PCM bytes with >= 1 channel; got "
@@ -217,13 +217,13 @@ class LipstreamVideoService(AIService):
         if not isinstance(rate, int) or not RATES[0] <= rate <= RATES[1]:
             raise AudioFormatError(f"a TTSAudioRawFrame's sample rate is {rate!r} Hz; lipstream takes "
                                    f"{RATES[0]}..{RATES[1]} Hz")
-        samples = np.frombuffer(audio, "<i2").astype(np.int16)
-        if channels > 1:
-            samples = np.rint(samples.reshape(-1, channels).mean(axis=1)).astype(np.int16)
-        if self._resampler_key != (rate, channels):
-            self._resampler_key = (rate, channels)
-            self._resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16")
-        return samples if self._resampler is None else self._resampler.resample_chunk(samples)
+        tail = np.zeros(0, np.float32)
+        if self._pcm is not None and (self._pcm.sample_rate, self._pcm.channels) != (rate, channels):
+            tail = self._pcm.flush()
+            self._pcm = None
+        if self._pcm is None:
+            self._pcm = PcmStream(rate, channels)
+        return np.concatenate([tail, self._pcm.push(bytes(audio))])
 
     async def _push(self, pcm: np.ndarray) -> None:
         if self._session is None or not pcm.size:
@@ -239,9 +239,9 @@ class LipstreamVideoService(AIService):
 
     async def _end_utterance(self) -> None:
         """The current utterance (if any) is complete: the resampler's tail, then the end."""
-        resampler, self._resampler, self._resampler_key = self._resampler, None, None
-        if resampler is not None:
-            await self._push(resampler.resample_chunk(np.zeros(0, np.int16), last=True))
+        pcm, self._pcm = self._pcm, None
+        if pcm is not None:
+            await self._push(pcm.flush())
         if self._utterance_open and self._session is not None:
             self._utterance_open = False
             try:
@@ -250,7 +250,7 @@ class LipstreamVideoService(AIService):
                 await self._lost(exc)
 
     async def _interrupt(self) -> None:
-        self._resampler = self._resampler_key = None
+        self._pcm = None
         self._utterance_open = False
         self._pushed = self._played = 0
         if self._session is not None:
