@@ -1,7 +1,7 @@
 """A voice bot whose face is lipstream: microphone -> STT -> LLM -> TTS -> lipstream -> browser, over
-Pipecat's SmallWebRTC transport, with Pipecat's browser page (the `lipstream[pipecat]` extra).
+Pipecat's SmallWebRTC transport (the `lipstream[pipecat]` extra) and a page of its own.
 
-    python examples/pipecat_avatar_bot.py        # then open http://localhost:7860/client
+    python examples/pipecat_avatar_bot.py        # then open http://localhost:7860/
 
 With nothing configured it runs offline, as an echo bot: Pipecat's Silero VAD cuts the user's turn and
 the bot answers in espeak-ng's voice with how long the user spoke. Set an OpenAI-compatible LLM (a
@@ -20,18 +20,26 @@ local Ollama or vLLM serves one) and any Pipecat STT for a real conversation. En
   BOT_GREETING             what the bot says when someone connects ("" for nothing)
 
 The lipstream settings (LIPSTREAM_AVATARS, LIPSTREAM_ENGINE, LIPSTREAM_OUTPUT_HEIGHT, ...) apply as they
-do to `lipstream serve`. Pipecat's runner serves the page and the WebRTC offers: `--host`, `--port`.
-espeak-ng is an optional system program (GPL), run as a separate process."""
+do to `lipstream serve`. The page (pipecat_avatar_bot.html) sends the microphone and shows the bot; it
+uses nothing from the internet (Pipecat's prebuilt pages load Daily's scripts from it). espeak-ng is an
+optional system program (GPL), run as a separate process."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from loguru import logger
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import (
@@ -55,6 +63,7 @@ from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest, SmallWebRTCRequestHandler
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
@@ -72,6 +81,7 @@ SYSTEM_PROMPT = ("You are a friendly assistant with a face, talking with someone
 GREETING = "Hello! Say something, and I will answer."
 ECHO_TURN = VADParams(stop_secs=0.6)  # a pause this long ends the user's turn
 TTS_CHUNK_S = 0.1
+PAGE = Path(__file__).with_suffix(".html")
 
 
 @dataclass
@@ -154,8 +164,19 @@ def load_service(spec: str, kwargs: dict):
     return getattr(importlib.import_module(module), name)(**kwargs)
 
 
-async def avatar_and_size(config: BotConfig, height: int) -> tuple[str, tuple[int, int]]:
-    """The avatar to show (preparing the demo avatar the first time) and its frames' (width, height)."""
+@dataclass(frozen=True)
+class Face:
+    """The avatar the bot shows, and its streamed frames' size (`output_height`: the lipstream setting)."""
+
+    avatar: str
+    width: int
+    height: int
+    output_height: int
+
+
+async def find_face(config: BotConfig) -> Face:
+    """The avatar to show (preparing the demo avatar the first time) and the size of its frames."""
+    settings = load_settings()
     if config.url:
         async with LipstreamClient(config.url, config.api_key) as client:
             avatars = {a["name"]: a for a in await client.avatars()}
@@ -167,7 +188,6 @@ async def avatar_and_size(config: BotConfig, height: int) -> tuple[str, tuple[in
     else:
         from lipstream.avatar.store import load_avatar
 
-        settings = load_settings()
         if config.avatar:
             name = config.avatar
             avatar = await asyncio.to_thread(load_avatar, name, root=None if is_path(name) else settings.avatars_root)
@@ -176,24 +196,19 @@ async def avatar_and_size(config: BotConfig, height: int) -> tuple[str, tuple[in
             avatar, _ = await asyncio.to_thread(sample_avatar, settings.avatars_root, settings.models_root,
                                                 progress=False)
         frame_size = avatar.frame_size
-    h, w = output_size(frame_size, height)
-    return name, (w, h)
+    height, width = output_size(frame_size, settings.output_height)
+    return Face(name, width, height, settings.output_height)
 
 
-async def run_bot(connection: SmallWebRTCConnection, config: BotConfig, *, handle_sigint: bool = False) -> None:
+async def run_bot(connection: SmallWebRTCConnection, config: BotConfig, face: Face) -> None:
     """One conversation over `connection`, until the browser leaves."""
-    height = load_settings().output_height
-    avatar, (width, height_px) = await avatar_and_size(config, height)
     transport = SmallWebRTCTransport(webrtc_connection=connection, params=TransportParams(
         audio_in_enabled=True, audio_out_enabled=True, video_out_enabled=True, video_out_is_live=False,
-        video_out_width=width, video_out_height=height_px, video_out_framerate=config.fps))
-    face = LipstreamVideoService(avatar=avatar, url=config.url, api_key=config.api_key, fps=config.fps,
-                                 output_height=height)
+        video_out_width=face.width, video_out_height=face.height, video_out_framerate=config.fps))
+    lipstream = LipstreamVideoService(avatar=face.avatar, url=config.url, api_key=config.api_key, fps=config.fps,
+                                      output_height=face.output_height)
     tts = load_service(*config.tts) if config.tts else EspeakTTSService()
     if config.llm_base_url:
-        if config.stt is None:
-            raise LipstreamError("with an LLM (LLM_BASE_URL) the bot needs speech to text: set STT_SERVICE "
-                                 "(and STT_ARGS) to a Pipecat STT service")
         from pipecat.services.openai.llm import OpenAILLMService
 
         llm = OpenAILLMService(base_url=config.llm_base_url, api_key=config.llm_api_key or "none",
@@ -201,11 +216,11 @@ async def run_bot(connection: SmallWebRTCConnection, config: BotConfig, *, handl
         context = LLMContext([{"role": "system", "content": SYSTEM_PROMPT}])
         turns = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
             vad_analyzer=SileroVADAnalyzer()))
-        processors = [transport.input(), load_service(*config.stt), turns.user(), llm, tts, face,
+        processors = [transport.input(), load_service(*config.stt), turns.user(), llm, tts, lipstream,
                       transport.output(), turns.assistant()]
     else:
         processors = [transport.input(), VADProcessor(vad_analyzer=SileroVADAnalyzer(params=ECHO_TURN)),
-                      EchoTurns(), tts, face, transport.output()]
+                      EchoTurns(), tts, lipstream, transport.output()]
     worker = PipelineWorker(Pipeline(processors), params=PipelineParams(audio_out_sample_rate=24000))
 
     @transport.event_handler("on_client_connected")
@@ -219,15 +234,61 @@ async def run_bot(connection: SmallWebRTCConnection, config: BotConfig, *, handl
     async def leave(_transport, _client):
         await worker.cancel()
 
-    await WorkerRunner(handle_sigint=handle_sigint).run(worker)
+    await WorkerRunner(handle_sigint=False).run(worker)
 
 
-async def bot(runner_args):
-    """The entry point of Pipecat's runner (`pipecat.runner.run.main`)."""
-    await run_bot(runner_args.webrtc_connection, BotConfig.from_env())
+def create_app(config: BotConfig, face: Face) -> FastAPI:
+    """The bot's web server: the page (GET /) and its WebRTC offers (POST /api/offer): a bot per offer."""
+    handler = SmallWebRTCRequestHandler()
+    bots: set[asyncio.Task] = set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await handler.close()
+        for task in list(bots):
+            task.cancel()
+        await asyncio.gather(*bots, return_exceptions=True)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE)
+
+    @app.post("/api/offer")
+    async def offer(request: SmallWebRTCRequest) -> dict:
+        async def start(connection: SmallWebRTCConnection) -> None:
+            task = asyncio.create_task(run_bot(connection, config, face))
+            bots.add(task)
+            task.add_done_callback(finished)
+
+        return await handler.handle_web_request(request, start)
+
+    def finished(task: asyncio.Task) -> None:
+        bots.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error("the bot failed")
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A voice bot whose face is lipstream (see the module's docstring).")
+    parser.add_argument("--host", default="localhost", help="address to listen on (default localhost: browsers "
+                                                            "open the microphone only there or over HTTPS)")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args()
+    config = BotConfig.from_env()
+    if config.llm_base_url and config.stt is None:
+        raise SystemExit("with an LLM (LLM_BASE_URL) the bot needs speech to text: set STT_SERVICE (and "
+                         "STT_ARGS) to a Pipecat STT service")
+    face = asyncio.run(find_face(config))
+    mode = f"LLM at {config.llm_base_url}" if config.llm_base_url else "offline echo bot"
+    print(f"avatar {face.avatar} ({face.width}x{face.height}), {mode}: open http://{args.host}:{args.port}/",
+          flush=True)
+    uvicorn.run(create_app(config, face), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
-    from pipecat.runner.run import main
-
     main()

@@ -1,28 +1,34 @@
-"""examples/pipecat_avatar_bot.py end to end, offline: an aiortc peer in the test connects to the echo bot
-over SmallWebRTC (through Pipecat's request handler, as its runner connects a browser), speaks a
-sentence, and gets the bot's video and audio: the bot answers in espeak-ng's voice, and the avatar's
-mouth moves while the answer plays (and nothing else of the face does)."""
+"""examples/pipecat_avatar_bot.py end to end, offline: its web server (uvicorn) serves the page, an aiortc
+peer in the test sends it a WebRTC offer as the page does, speaks a sentence over SmallWebRTC, and gets
+the bot's video and audio: the bot answers in espeak-ng's voice, and the avatar's mouth moves while the
+answer plays (and nothing else of the face does). And the page itself in Chromium: it connects, shows
+the avatar, and the mouth moves while the bot greets."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
 import importlib.util
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import av
+import httpx
 import numpy as np
 import pytest
 import soxr
+import uvicorn
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
-from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest, SmallWebRTCRequestHandler
 
+from lipstream.bench.serve import free_port, stop_process
 from lipstream.demo import synthesize_speech
-from server_helpers import astronaut_avatar, store_avatar
+from server_helpers import SR, astronaut_avatar, store_avatar, wav_bytes
 
 pytestmark = [
     pytest.mark.anyio,
@@ -31,6 +37,7 @@ pytestmark = [
 ]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_avatar_bot.py"
 HEIGHT = 256  # the avatar (512x512) is streamed at this size
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RATE = 48000
 PTIME = 960  # samples of 20 ms
 
@@ -85,34 +92,43 @@ def regions() -> tuple[tuple[slice, slice], tuple[slice, slice]]:
     return mouth, eyes
 
 
+def bot_env(root: Path) -> dict[str, str]:
+    """The example's environment: the astronaut avatar under `root`, the warp engine, frames of HEIGHT."""
+    store_avatar(root)
+    return {"LIPSTREAM_AVATARS": str(root), "LIPSTREAM_ENGINE": "warp", "LIPSTREAM_MODELS": str(root / "no-models"),
+            "LIPSTREAM_OUTPUT_HEIGHT": str(HEIGHT), "LIPSTREAM_BOT_AVATAR": "astronaut"}
+
+
 async def test_the_echo_bot_answers_with_its_face_over_smallwebrtc(tmp_path, monkeypatch):
-    store_avatar(tmp_path)
-    for name, value in {"LIPSTREAM_AVATARS": str(tmp_path), "LIPSTREAM_ENGINE": "warp", "LIPSTREAM_MODELS":
-                        str(tmp_path / "no-models"), "LIPSTREAM_OUTPUT_HEIGHT": str(HEIGHT),
-                        "LIPSTREAM_BOT_AVATAR": "astronaut", "BOT_GREETING": ""}.items():
+    for name, value in {**bot_env(tmp_path), "BOT_GREETING": ""}.items():
         monkeypatch.setenv(name, value)
     example = load_example()
-    sentence = synthesize_speech("Hello there. Can you see me? I would like to talk with you for a while.")
+    config = example.BotConfig.from_env()
+    face = await example.find_face(config)
+    assert (face.avatar, face.width, face.height) == ("astronaut", HEIGHT, HEIGHT)
+    sentence = synthesize_speech("Hello there. Can you see me?")
     words = np.round(soxr.resample(sentence, 16000, RATE) * 32767).astype(np.int16)
-
+    server = uvicorn.Server(uvicorn.Config(example.create_app(config, face), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    serving = asyncio.create_task(server.serve())
     microphone = Microphone()
     pc = RTCPeerConnection()
-    pc.addTrack(microphone)
-    pc.addTransceiver("video", direction="recvonly")
-    tracks: dict = {}
-    pc.on("track", lambda track: tracks.__setitem__(track.kind, track))
-    await pc.setLocalDescription(await pc.createOffer())
-    handler = SmallWebRTCRequestHandler()
-    bots: list[asyncio.Task] = []
-
-    async def start(connection) -> None:
-        bots.append(asyncio.create_task(example.run_bot(connection, example.BotConfig.from_env())))
-
-    answer = await handler.handle_web_request(SmallWebRTCRequest(sdp=pc.localDescription.sdp, type="offer"), start)
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
     video, audio = [], []
     try:
         async with asyncio.timeout(30):
+            while not server.started:
+                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.port}") as http:
+                page = await http.get("/")
+                assert page.status_code == 200 and "api/offer" in page.text
+                pc.addTrack(microphone)
+                pc.addTransceiver("video", direction="recvonly")
+                tracks: dict = {}
+                pc.on("track", lambda track: tracks.__setitem__(track.kind, track))
+                await pc.setLocalDescription(await pc.createOffer())
+                reply = await http.post("/api/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+                assert reply.status_code == 200, reply.text
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=reply.json()["sdp"], type="answer"))
             while set(tracks) != {"audio", "video"}:
                 await asyncio.sleep(0.05)
             listeners = [asyncio.create_task(collect(tracks["video"], video)),
@@ -129,9 +145,9 @@ async def test_the_echo_bot_answers_with_its_face_over_smallwebrtc(tmp_path, mon
             listener.cancel()
     finally:
         await pc.close()
-        async with asyncio.timeout(10):
-            await asyncio.gather(*bots)  # the bot ends when the peer leaves
-        await handler.close()
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await serving  # the bot ends with the call, the server after it
 
     loud = [t for t, f in audio if t > done_at and np.abs(f.to_ndarray()).max() > 3000]
     assert loud, "the bot answered after the user spoke"
@@ -158,3 +174,67 @@ def answered(audio: list, after: float) -> bool:
     """Some loud bot audio came after `after`, and then a second of quiet."""
     loud = [t for t, f in audio if t > after and np.abs(f.to_ndarray()).max() > 3000]
     return bool(loud) and audio[-1][0] - loud[-1] > 1.0
+
+
+MOUTH_TRACE = """([rows0, rows1, cols0, cols1]) => new Promise((done) => {
+  const video = document.getElementById("bot"), canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  const context = canvas.getContext("2d", {willReadFrequently: true});
+  let first = null; const changes = [];
+  const timer = setInterval(() => {
+    context.drawImage(video, 0, 0);
+    const pixels = context.getImageData(cols0, rows0, cols1 - cols0, rows1 - rows0).data;
+    if (first === null) first = pixels.slice();
+    let sum = 0; for (let i = 0; i < pixels.length; i += 4) sum += Math.abs(pixels[i] - first[i]);
+    changes.push(sum / (pixels.length / 4));
+    if (changes.length >= 60) { clearInterval(timer); done(changes); }
+  }, 80);
+})"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_page_connects_and_the_avatar_greets(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    quiet = tmp_path / "quiet.wav"
+    quiet.write_bytes(wav_bytes(np.zeros(SR, np.float32)))
+    port = free_port()
+    env = {**os.environ, **bot_env(tmp_path / "avatars")}
+    log = tmp_path / "bot.log"
+    with log.open("wb") as out:
+        bot = subprocess.Popen([sys.executable, str(EXAMPLE), "--host", "127.0.0.1", "--port", str(port)], env=env,
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while f"open http://127.0.0.1:{port}/" not in log.read_text(errors="replace"):
+            assert bot.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--headless", "--disable-gpu", "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={quiet}",
+                "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"])
+            try:
+                page = browser.new_page()
+                for attempt in range(50):  # uvicorn starts after the line above
+                    try:
+                        page.goto(f"http://127.0.0.1:{port}/")
+                        break
+                    except Exception:  # noqa: BLE001 - not listening yet
+                        time.sleep(0.2)
+                page.click("#connect")
+                page.wait_for_function("document.getElementById('status').textContent === 'connected'", timeout=20000)
+                page.wait_for_function("document.getElementById('bot').videoWidth > 0", timeout=20000)
+                size = page.evaluate("[document.getElementById('bot').videoWidth, document.getElementById('bot').videoHeight]")
+                mouth, _ = regions()
+                changes = page.evaluate(MOUTH_TRACE, [mouth[0].start, mouth[0].stop, mouth[1].start, mouth[1].stop])
+                page.click("#connect")  # hang up
+                status = page.inner_text("#status")
+            finally:
+                browser.close()
+    finally:
+        stop_process(bot, signal.SIGTERM)
+    assert size == [HEIGHT, HEIGHT]
+    assert max(changes) > 10, f"the mouth moves while the bot greets: {changes}"
+    assert status == "not connected"
