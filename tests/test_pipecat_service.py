@@ -19,7 +19,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.tests.utils import SleepFrame, run_test
 
-from lipstream.audio.load import PcmStream
+from lipstream.audio.load import PcmStream, resampler_delay
 from lipstream.integrations.local import LocalSessions
 from lipstream.integrations.pipecat import LipstreamVideoService
 from lipstream.stream.pcm import to_pcm16
@@ -68,14 +68,15 @@ async def test_25_images_a_second_of_speech_and_the_audio_out_is_the_audio_in(se
     assert abs(len(talking) - 1.2 * FPS) <= 1
     assert all(a.sample_rate == 16000 and a.num_channels == 1 for a in audio)
     heard = spoken(down)
-    whole = PcmStream(rate)  # the same resampler over the whole answer at once
+    whole = PcmStream(rate, lead_in=True)  # the same resampler over the whole answer at once
     expected = to_pcm16(np.concatenate([whole.push(pcm.tobytes()), whole.flush()]))
-    n = expected.size
-    assert n == round(pcm.size * 16000 / rate) and heard.size >= n and not heard[n:].any()
-    assert np.abs(heard[:n].astype(int) - expected).max() <= 1
+    n, lead = expected.size, resampler_delay(rate)  # the resampler's delay is silence first
+    assert n == round(pcm.size * 16000 / rate) + lead and heard.size >= n and not heard[n:].any()
+    assert np.abs(heard[:n].astype(int) - expected).max() <= 1 and not heard[:lead].any()
     if rate != 16000:  # and another resampler agrees
         reference = soxr.resample(pcm.astype(np.float32), rate, 16000)
-        assert np.sqrt(np.mean((heard[:n] - reference) ** 2)) < 0.01 * np.sqrt(np.mean(reference ** 2))
+        error = heard[lead:n] - reference
+        assert np.sqrt(np.mean(error ** 2)) < 0.01 * np.sqrt(np.mean(reference ** 2))
     idle = pixels(pictures[0]).astype(int)
     assert max(int(np.abs(pixels(p).astype(int) - idle).max()) for p in talking) > 60, "the mouth moves"
     assert host._scheduler is None and not host._open

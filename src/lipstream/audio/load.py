@@ -10,6 +10,7 @@ No VAD, no loudness normalisation: silence is valid audio (see `rms_dbfs`)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -154,18 +155,24 @@ class PcmStream:
 
     Chunks may split a sample anywhere; the leftover bytes wait for the next chunk. Resampling is
     stateful, so chunk edges leave no clicks, and low-delay: libswresample (through PyAV) holds back
-    about 1 ms of audio, where a soxr HQ stream holds about 10 ms and lets it out in uneven blocks
-    (40 ms chunks at 24 kHz come out as 30, 30, 30, 61 ms), which would hold a live frame back by a
-    chunk. Within a sample (1/32768) of `decode_pcm16`'s soxr HQ away from the stream's two ends.
-    `flush()` returns what the resampler holds at the end of the stream."""
+    1-2 ms of audio (`resampler_delay`), where a soxr HQ stream holds about 10 ms and lets it out in
+    uneven blocks (40 ms chunks at 24 kHz come out as 30, 30, 30, 61 ms). Within a sample (1/32768)
+    of `decode_pcm16`'s soxr HQ away from the stream's two ends. `flush()` returns what the resampler
+    holds at the end of the stream.
 
-    def __init__(self, sample_rate: int, channels: int = 1):
+    lead_in: each stream (after the start or a flush) begins with `resampler_delay` samples of
+    silence, so that after every chunk as much audio has come out as went in. A live frame clock needs
+    that: a frame whose audio is all in can be made at once, not a chunk later."""
+
+    def __init__(self, sample_rate: int, channels: int = 1, *, lead_in: bool = False):
         if sample_rate <= 0 or channels <= 0:
             raise ValueError(f"bad PCM format: sample_rate={sample_rate}, channels={channels}")
         self.sample_rate = sample_rate
         self.channels = channels
+        self.lead_in = lead_in
         self._pending = b""
         self._resampler = self._new_resampler()
+        self._started = False
 
     def _new_resampler(self) -> av.AudioResampler | None:
         if self.sample_rate == SAMPLE_RATE:
@@ -182,11 +189,16 @@ class PcmStream:
             return mono
         frame = av.AudioFrame.from_ndarray(mono[None], format="flt", layout="mono")
         frame.sample_rate = self.sample_rate
-        return self._resampled(frame)
+        out = self._resampled(frame)
+        if self.lead_in and not self._started:
+            out = np.concatenate([np.zeros(resampler_delay(self.sample_rate), np.float32), out])
+        self._started = True
+        return out
 
     def flush(self) -> np.ndarray:
         """End of stream: float32 [n] at 16 kHz still held by the resampler; then the stream restarts."""
         self._pending = b""
+        self._started = False
         if self._resampler is None:
             return np.zeros(0, np.float32)
         tail = self._resampled(None)
@@ -196,6 +208,18 @@ class PcmStream:
     def _resampled(self, frame: av.AudioFrame | None) -> np.ndarray:
         out = [resampled.to_ndarray()[0] for resampled in self._resampler.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def resampler_delay(sample_rate: int) -> int:
+    """16 kHz samples PcmStream's resampler holds back from `sample_rate` until the stream's end (16 for
+    the usual TTS and microphone rates, 32 from 8 kHz); 0 at 16 kHz. Measured on one second of silence."""
+    if sample_rate == SAMPLE_RATE:
+        return 0
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    second = av.AudioFrame.from_ndarray(np.zeros((1, sample_rate), np.float32), format="flt", layout="mono")
+    second.sample_rate = sample_rate
+    return SAMPLE_RATE - sum(frame.samples for frame in resampler.resample(second))
 
 
 def rms_dbfs(samples: np.ndarray) -> float:

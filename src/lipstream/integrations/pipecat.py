@@ -205,8 +205,9 @@ class LipstreamVideoService(AIService):
         self._utterance_open = True
 
     def _to_16k(self, frame: TTSAudioRawFrame) -> np.ndarray:
-        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's PcmStream; a new one,
-        after the old one's tail, when the rate or the channels change)."""
+        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's PcmStream, which keeps
+        pace with the TTS: its resampler's millisecond of delay is a millisecond of silence first; a new
+        one, after the old one's tail, when the rate or the channels change)."""
         audio, rate, channels = frame.audio, frame.sample_rate, frame.num_channels
         if not isinstance(audio, bytes | bytearray | memoryview) or not isinstance(channels, int) or channels < 1:
             raise AudioFormatError(f"a TTSAudioRawFrame must carry 16-bit PCM bytes with >= 1 channel; got "
@@ -222,7 +223,7 @@ class LipstreamVideoService(AIService):
             tail = self._pcm.flush()
             self._pcm = None
         if self._pcm is None:
-            self._pcm = PcmStream(rate, channels)
+            self._pcm = PcmStream(rate, channels, lead_in=True)
         return np.concatenate([tail, self._pcm.push(bytes(audio))])
 
     async def _push(self, pcm: np.ndarray) -> None:
