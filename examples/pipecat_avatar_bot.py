@@ -234,7 +234,9 @@ async def run_bot(connection: SmallWebRTCConnection, config: BotConfig, face: Fa
     async def leave(_transport, _client):
         await worker.cancel()
 
-    await WorkerRunner(handle_sigint=False).run(worker)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await runner.run()
 
 
 def create_app(config: BotConfig, face: Face) -> FastAPI:

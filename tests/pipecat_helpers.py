@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import soxr
-from pipecat.frames.frames import OutputImageRawFrame, SpeechOutputAudioRawFrame, TTSAudioRawFrame
+from pipecat.frames.frames import ErrorFrame, OutputImageRawFrame, SpeechOutputAudioRawFrame, TTSAudioRawFrame
+from pipecat.tests.utils import run_test
 
 from server_helpers import SR, speech_like
+
+TIMEOUT_S = 30  # no test may hang: a pipeline ends well within this or the test fails
+
+
+async def run(service, frames) -> tuple[list, list]:
+    """`run_test` of the service with these frames (then an EndFrame): (frames down, frames up)."""
+    async with asyncio.timeout(TIMEOUT_S):
+        return await run_test(service, frames_to_send=frames, start_timeout=20)
+
+
+def errors(up) -> list[str]:
+    """The messages of the ErrorFrames that went upstream."""
+    return [f.error for f in up if isinstance(f, ErrorFrame)]
 
 
 def tts_speech(seconds: float, rate: int = SR, seed: int = 0) -> np.ndarray:

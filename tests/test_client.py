@@ -8,7 +8,6 @@ import pytest
 
 from lipstream.bench.serve import free_port
 from lipstream.client import LipstreamClient
-from lipstream.engines.warp import WarpEngine
 from lipstream.errors import (
     ApiKeyError,
     AudioFormatError,
@@ -17,17 +16,14 @@ from lipstream.errors import (
     SessionClosedError,
     SessionNotFoundError,
 )
-from lipstream.server.app import create_app
-from server_helpers import LiveServer, server_settings, speech_like, store_avatar, wav_bytes
+from server_helpers import speech_like, warp_server, wav_bytes
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatars")
-    store_avatar(root)
-    with LiveServer(create_app(server_settings(root, output_height=128), engine=WarpEngine())) as server:
+    with warp_server(tmp_path_factory.mktemp("avatars"), output_height=128) as server:
         yield server
 
 

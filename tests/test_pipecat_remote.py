@@ -8,24 +8,17 @@ import asyncio
 
 import numpy as np
 import pytest
-from pipecat.frames.frames import (
-    ErrorFrame,
-    InterruptionFrame,
-    TTSAudioRawFrame,
-    TTSStartedFrame,
-    TTSStoppedFrame,
-)
-from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame
+from pipecat.tests.utils import SleepFrame
 
 from lipstream.bench.serve import free_port, served
 from lipstream.client import LipstreamClient
 from lipstream.integrations.pipecat import LipstreamVideoService
-from pipecat_helpers import images, sounds, spoken, tts_frames, tts_speech
+from pipecat_helpers import errors, images, run, sounds, spoken, tts_frames, tts_speech
 from server_helpers import store_avatar
 
 pytestmark = pytest.mark.anyio
 FPS = 25
-TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +28,6 @@ def server(tmp_path_factory):
     flags = {"avatars_root": root, "engine": "warp", "output_height": 128, "models_root": root / "no-models"}
     with served(flags, root / "server.log") as (url, key):
         yield url, key
-
-
-async def run(service, frames):
-    async with asyncio.timeout(TIMEOUT_S):
-        return await run_test(service, frames_to_send=frames, start_timeout=20)
-
-
-def errors(up) -> list[str]:
-    return [f.error for f in up if isinstance(f, ErrorFrame)]
 
 
 async def test_speech_through_a_lipstream_server(server):

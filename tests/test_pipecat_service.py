@@ -10,25 +10,18 @@ import threading
 import numpy as np
 import pytest
 import soxr
-from pipecat.frames.frames import (
-    ErrorFrame,
-    InterruptionFrame,
-    TTSAudioRawFrame,
-    TTSStartedFrame,
-    TTSStoppedFrame,
-)
-from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame
+from pipecat.tests.utils import SleepFrame
 
 from lipstream.audio.load import PcmStream, resampler_delay
 from lipstream.integrations.local import LocalSessions
 from lipstream.integrations.pipecat import LipstreamVideoService
 from lipstream.stream.pcm import to_pcm16
-from pipecat_helpers import images, pixels, sounds, spoken, tts_frames, tts_speech
+from pipecat_helpers import TIMEOUT_S, errors, images, pixels, run, sounds, spoken, tts_frames, tts_speech
 from server_helpers import server_settings, store_avatar
 
 pytestmark = pytest.mark.anyio
 FPS = 25
-TIMEOUT_S = 30  # no test may hang: run_test returns well within this or the test fails
 SCHEDULER_THREADS = ("lipstream-engine", "lipstream-features", "lipstream-compose")
 
 
@@ -37,11 +30,6 @@ def settings(tmp_path_factory):
     root = tmp_path_factory.mktemp("avatars")
     store_avatar(root)
     return server_settings(root, engine="warp", output_height=128)
-
-
-async def run(service, frames, **kwargs):
-    async with asyncio.timeout(TIMEOUT_S):
-        return await run_test(service, frames_to_send=frames, start_timeout=20, **kwargs)
 
 
 def scheduler_threads() -> list[str]:
@@ -55,7 +43,7 @@ async def test_25_images_a_second_of_speech_and_the_audio_out_is_the_audio_in(se
     host = LocalSessions(settings)
     service = LipstreamVideoService(avatar="astronaut", host=host)
     down, up = await run(service, [TTSStartedFrame(), *tts_frames(pcm, rate), TTSStoppedFrame()])
-    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors(up) == []
     assert not [f for f in down if isinstance(f, TTSAudioRawFrame)], "the TTS audio is consumed"
     assert [type(f) for f in down if isinstance(f, TTSStartedFrame | TTSStoppedFrame)] == [TTSStartedFrame,
                                                                                         TTSStoppedFrame]
@@ -87,7 +75,7 @@ async def test_an_interruption_drops_the_queued_speech_and_none_of_it_is_heard(s
     service = LipstreamVideoService(avatar="astronaut", host=LocalSessions(settings))
     down, up = await run(service, [TTSStartedFrame(), *tts_frames(pcm, 16000), TTSStoppedFrame(), SleepFrame(1.0),
                                    InterruptionFrame(), SleepFrame(0.4)])
-    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors(up) == []
     cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
     before, after = down[:cut], down[cut + 1:]
     heard = spoken(before)
@@ -120,8 +108,8 @@ async def test_audio_that_is_not_16_bit_pcm_is_an_error_frame_and_the_rest_plays
     pcm = tts_speech(0.4)
     service = LipstreamVideoService(avatar="astronaut", host=LocalSessions(settings))
     down, up = await run(service, [TTSStartedFrame(), bad, *tts_frames(pcm, 16000), TTSStoppedFrame()])
-    [error] = [f for f in up if isinstance(f, ErrorFrame)]
-    assert reason in error.error and not error.fatal
+    [error] = errors(up)
+    assert reason in error
     assert np.array_equal(spoken(down)[:pcm.size], pcm)
 
 
@@ -129,6 +117,32 @@ async def test_an_unknown_avatar_is_an_error_frame_and_the_voice_goes_on_without
     service = LipstreamVideoService(avatar="nobody", host=LocalSessions(settings))
     speech = tts_frames(tts_speech(0.2), 16000)
     down, up = await run(service, [TTSStartedFrame(), *speech, TTSStoppedFrame()])
-    [error] = [f for f in up if isinstance(f, ErrorFrame)]
-    assert "'nobody'" in error.error and "no avatar" in error.error and not service.is_usable
+    [error] = errors(up)
+    assert "'nobody'" in error and "no avatar" in error and not service.is_usable
     assert not images(down) and [f for f in down if isinstance(f, TTSAudioRawFrame)] == speech
+
+
+async def test_a_cancel_frame_closes_the_session_at_once(settings):
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineWorker
+    from pipecat.workers.runner import WorkerRunner
+
+    host = LocalSessions(settings)
+    service = LipstreamVideoService(avatar="astronaut", host=host)
+    worker = PipelineWorker(Pipeline([service]), cancel_on_idle_timeout=False)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
+    async with asyncio.timeout(TIMEOUT_S):
+        while service.session is None:
+            await asyncio.sleep(0.02)
+        await worker.queue_frames([TTSStartedFrame(), *tts_frames(tts_speech(5.0), 16000)])
+        while not service.session.session.speaking:
+            await asyncio.sleep(0.02)
+        began = asyncio.get_running_loop().time()
+        await worker.cancel()
+        await running
+        assert asyncio.get_running_loop().time() - began < 2, "it did not wait for the 5 s of speech"
+        assert service.session is None and host._scheduler is None and not host._open
+        while scheduler_threads():
+            await asyncio.sleep(0.05)

@@ -144,7 +144,9 @@ async def _measure(transport: str, flags: dict, remote: tuple[str, str] | None, 
 
     observer = FirstImages()
     worker = PipelineWorker(Pipeline([service]), observers=[observer], cancel_on_idle_timeout=False)
-    running = asyncio.create_task(WorkerRunner(handle_sigint=False).run(worker))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
     step = args.rate * args.chunk_ms // 1000
     speech = soxr.resample(synthetic_speech(args.utterance_s, seed=7), 16000, args.rate)  # at the TTS's rate
     pcm = np.round(np.clip(speech, -1, 1) * 32767).astype(np.int16)
