@@ -72,14 +72,13 @@ class LocalSessions:
         self._folders: dict[tuple[Path, str], tuple[Avatar, Compositor, Material]] = {}
         self._scheduler: Scheduler | None = None
         self._open: set[LocalSession] = set()
-        self.reason: str | None = None
 
     async def open(self, avatar: str | os.PathLike, *, fps: int | None = None,
                    output_height: int | None = None) -> LocalSession:
         """A live session of `avatar` (a name under the avatars root, or a folder). fps: default the
         setting; output_height: frames scaled to this height (default the setting; 0: the avatar's own).
         Raises what loading raises: AvatarNotFoundError, AvatarCorruptError, MissingWeightsError, ..."""
-        engine, self.reason = await asyncio.to_thread(shared_engine, self.settings)
+        engine, _ = await asyncio.to_thread(shared_engine, self.settings)
         avatar, compositor, material = await self._prepared(avatar, engine)
         if self._scheduler is None:
             self._scheduler = Scheduler(engine, max_batch=self.settings.max_batch,

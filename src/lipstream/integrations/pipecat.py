@@ -117,9 +117,6 @@ class LipstreamVideoService(AIService):
         """The open lipstream session (None before the StartFrame, after the end, or after it failed)."""
         return self._session
 
-    def can_generate_metrics(self) -> bool:
-        return False
-
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, frame: StartFrame):
