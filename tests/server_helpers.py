@@ -20,6 +20,8 @@ from lipstream.avatar.store import save_avatar
 from lipstream.bench import scene
 from lipstream.bench.serve import free_port
 from lipstream.config import Settings, load_settings
+from lipstream.engines.warp import WarpEngine
+from lipstream.server.app import create_app
 
 SR = 16000
 
@@ -98,3 +100,10 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def warp_server(root: Path, **overrides) -> LiveServer:
+    """A LiveServer (not started yet) with the warp engine, over `root` holding the astronaut avatar;
+    settings as `server_settings` makes them, with `overrides`."""
+    store_avatar(root)
+    return LiveServer(create_app(server_settings(root, **overrides), engine=WarpEngine()))

@@ -23,6 +23,7 @@ from lipstream.audio import (
     whisper_steps,
 )
 from lipstream.audio.features import num_whisper_steps
+from lipstream.audio.load import resampler_delay
 from lipstream.errors import (
     AudioDecodeError,
     AudioNotFoundError,
@@ -176,8 +177,17 @@ def test_pcm_stream_matches_one_shot():
     pieces = [stream.push(data[i:i + 777]) for i in range(0, len(data), 777)]
     chunked = np.concatenate([*pieces, stream.flush()])
     whole = decode_pcm16(data, 48000, channels=2)
-    assert whole.shape == (16000,)
-    np.testing.assert_allclose(chunked, whole, atol=1e-6)
+    assert whole.shape == chunked.shape == (16000,)
+    np.testing.assert_allclose(chunked[50:-50], whole[50:-50], atol=1 / 32768)
+    np.testing.assert_allclose(chunked, whole, atol=0.01)  # the ends: each pads the edges its own way
+    live = PcmStream(24000)  # low delay: a 40 ms chunk comes out at once, but for a millisecond
+    assert [live.push(data[i:i + 1920]).size for i in range(0, 3 * 1920, 1920)] == [624, 640, 640]
+    assert resampler_delay(24000) == 16 and resampler_delay(8000) == 32 and resampler_delay(16000) == 0
+    paced = PcmStream(24000, lead_in=True)  # that millisecond as silence first: out keeps pace with in
+    for _ in range(2):  # and again after a flush
+        out = [paced.push(data[i:i + 1920]) for i in range(0, 3 * 1920, 1920)]
+        assert [o.size for o in out] == [640, 640, 640] and not out[0][:16].any() and out[0][16:].any()
+        assert paced.flush().size == 16
     passthrough = PcmStream(16000)
     assert passthrough.push(b"\x00\x40\x00").tolist() == [0.5]  # the odd byte waits for the next chunk
     assert passthrough.push(b"\xc0").tolist() == [-0.5]

@@ -22,16 +22,14 @@ from lipstream.server.webrtc import SessionFeed
 from lipstream.stream.clock import MediaClock
 from lipstream.stream.scheduler import Scheduler
 from lipstream.stream.session import Session
-from server_helpers import LiveServer, pcm16, server_settings, speech_like, store_avatar
+from server_helpers import LiveServer, pcm16, server_settings, speech_like, store_avatar, warp_server
 
 KEY = {"Authorization": "Bearer k-default"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatars")
-    store_avatar(root)
-    with LiveServer(create_app(server_settings(root, output_height=128), engine=WarpEngine())) as server:
+    with warp_server(tmp_path_factory.mktemp("avatars"), output_height=128) as server:
         yield server
 
 
@@ -136,9 +134,7 @@ def test_bad_offers_are_refused_and_the_session_stays_usable(server):
 
 
 def test_the_video_codec_setting_picks_the_codec(tmp_path):
-    store_avatar(tmp_path)
-    with LiveServer(create_app(server_settings(tmp_path, video_codec="h264", output_height=64),
-                               engine=WarpEngine())) as h264_server:
+    with warp_server(tmp_path, video_codec="h264", output_height=64) as h264_server:
         sid = new_session(h264_server)
 
         async def call():

@@ -37,6 +37,11 @@ class AudioTooShortError(AudioError):
     """The input is shorter than one video frame, so there is nothing to render."""
 
 
+class AudioFormatError(AudioError):
+    """Raw audio samples are not in the expected form (e.g. not 16-bit PCM, or a sample rate or channel
+    count that cannot be)."""
+
+
 class WeightsError(LipstreamError):
     """Base class of the model-weights errors (`lipstream models ...`)."""
 
@@ -137,6 +142,18 @@ class BadRequestError(ServerError):
 
 class NotReadyError(ServerError):
     """The server is still loading its engine and avatars."""
+
+
+class ServerUnreachableError(ServerError):
+    """No connection to the server could be made (refused, unknown host, no answer in time)."""
+
+
+class ApiKeyError(ServerError):
+    """The server refused the client's API key (none given, or not one of its keys)."""
+
+
+class ServerReplyError(ServerError):
+    """The server answered with an error the client has no class for (e.g. a 5xx, or not lipstream)."""
 
 
 class StreamError(LipstreamError):

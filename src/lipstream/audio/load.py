@@ -4,11 +4,13 @@ Every function here returns `float32 [N]` at 16 kHz, range [-1, 1] (as decoded; 
 normalised), which is what MuseTalk gets from `librosa.load(path, sr=16000)`:
 - channels are averaged to mono (librosa's downmix);
 - the rate is converted with soxr at "HQ" quality (librosa's default `soxr_hq`), and the length is
-  then fixed to `ceil(n * 16000 / rate)` samples as librosa does.
+  then fixed to `ceil(n * 16000 / rate)` samples as librosa does (live chunks, `PcmStream`: with
+  libswresample, for its low delay).
 No VAD, no loudness normalisation: silence is valid audio (see `rms_dbfs`)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -152,21 +154,30 @@ class PcmStream:
     """Live PCM16 LE chunks at any rate -> float32 mono 16 kHz, chunk by chunk.
 
     Chunks may split a sample anywhere; the leftover bytes wait for the next chunk. Resampling is
-    stateful (soxr stream, HQ), so chunk edges leave no clicks; the resampler's delay is returned
-    by `flush()` at the end of the stream."""
+    stateful, so chunk edges leave no clicks, and low-delay: libswresample (through PyAV) holds back
+    1-2 ms of audio (`resampler_delay`), where a soxr HQ stream holds about 10 ms and lets it out in
+    uneven blocks (40 ms chunks at 24 kHz come out as 30, 30, 30, 61 ms). Within a sample (1/32768)
+    of `decode_pcm16`'s soxr HQ away from the stream's two ends. `flush()` returns what the resampler
+    holds at the end of the stream.
 
-    def __init__(self, sample_rate: int, channels: int = 1):
+    lead_in: each stream (after the start or a flush) begins with `resampler_delay` samples of
+    silence, so that after every chunk as much audio has come out as went in. A live frame clock needs
+    that: a frame whose audio is all in can be made at once, not a chunk later."""
+
+    def __init__(self, sample_rate: int, channels: int = 1, *, lead_in: bool = False):
         if sample_rate <= 0 or channels <= 0:
             raise ValueError(f"bad PCM format: sample_rate={sample_rate}, channels={channels}")
         self.sample_rate = sample_rate
         self.channels = channels
+        self.lead_in = lead_in
         self._pending = b""
         self._resampler = self._new_resampler()
+        self._started = False
 
-    def _new_resampler(self) -> soxr.ResampleStream | None:
+    def _new_resampler(self) -> av.AudioResampler | None:
         if self.sample_rate == SAMPLE_RATE:
             return None
-        return soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=SOXR_QUALITY)
+        return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
     def push(self, data: bytes) -> np.ndarray:
         """One chunk of PCM16 LE bytes -> float32 [n] at 16 kHz (n may be 0)."""
@@ -174,18 +185,41 @@ class PcmStream:
         whole = len(data) - len(data) % (2 * self.channels)
         self._pending = data[whole:]
         mono = pcm16_to_float(data[:whole], self.channels)
-        if self._resampler is None:
+        if self._resampler is None or not mono.size:
             return mono
-        return self._resampler.resample_chunk(mono, last=False)
+        frame = av.AudioFrame.from_ndarray(mono[None], format="flt", layout="mono")
+        frame.sample_rate = self.sample_rate
+        out = self._resampled(frame)
+        if self.lead_in and not self._started:
+            out = np.concatenate([np.zeros(resampler_delay(self.sample_rate), np.float32), out])
+        self._started = True
+        return out
 
     def flush(self) -> np.ndarray:
         """End of stream: float32 [n] at 16 kHz still held by the resampler; then the stream restarts."""
         self._pending = b""
+        self._started = False
         if self._resampler is None:
             return np.zeros(0, np.float32)
-        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        tail = self._resampled(None)
         self._resampler = self._new_resampler()
         return tail
+
+    def _resampled(self, frame: av.AudioFrame | None) -> np.ndarray:
+        out = [resampled.to_ndarray()[0] for resampled in self._resampler.resample(frame)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def resampler_delay(sample_rate: int) -> int:
+    """16 kHz samples PcmStream's resampler holds back from `sample_rate` until the stream's end (16 for
+    the usual TTS and microphone rates, 32 from 8 kHz); 0 at 16 kHz. Measured on one second of silence."""
+    if sample_rate == SAMPLE_RATE:
+        return 0
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    second = av.AudioFrame.from_ndarray(np.zeros((1, sample_rate), np.float32), format="flt", layout="mono")
+    second.sample_rate = sample_rate
+    return SAMPLE_RATE - sum(frame.samples for frame in resampler.resample(second))
 
 
 def rms_dbfs(samples: np.ndarray) -> float:

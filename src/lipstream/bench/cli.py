@@ -14,6 +14,7 @@ BENCHMARKS = {
     "engine": ("engine", "MuseTalk UNet + VAE decode (random full-size weights): frames/s, latency, memory"),
     "serve": ("serve", "N clients speaking to live sessions in real time (through the server, or in-process): fps, first-frame latency, drops"),
     "avatar-prepare": ("avatar_prepare", "avatar preparation of a synthetic 10 s 720p face video, without latents"),
+    "pipecat": ("pipecat_latency", "Pipecat pipeline: TTS audio in -> first speaking image out, in-process and remote"),
 }
 
 

@@ -7,10 +7,10 @@ random offsets in the first second. Two transports:
 - `websocket` (default): through a real server. With `--url` and `--key`, one already running (avatar
   `--avatar`, default the key's first); otherwise `lipstream serve` is started as a subprocess on a
   free localhost port (engine `--engine`) over a temporary avatars root holding the bench avatar (the
-  astronaut scene at `--size`, 8 frames), and stopped with SIGTERM at the end. Each client opens a
-  session over REST, connects its WebSocket, sends the audio as binary messages and `{"type": "end"}`
-  after each utterance, and reads the frames (JPEG at the avatar's size) and events
-  (`lipstream.server.wire`). The clients run in this process, on the machine of a server they start.
+  astronaut scene at `--size`, 8 frames), and stopped with SIGTERM at the end. Each client is a
+  `lipstream.client` session: it sends the audio over the session's WebSocket, ends each utterance,
+  and reads the frames (JPEG at the avatar's size, not decoded) and events. The clients run in this
+  process, on the machine of a server they start.
 - `inprocess`: each client is a `Session` on one shared `Scheduler` (one per device, as the server
   runs them), read through `Session.frames()` as a transport would, without encoding or network.
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import secrets
 import signal
@@ -49,6 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,12 +56,14 @@ from lipstream.bench.postprocess import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
 from lipstream.errors import LipstreamError
 
+if TYPE_CHECKING:
+    from lipstream.client import LipstreamClient
+
 DEFAULT_CLIENTS = [1, 4, 16, 32]
 ENGINES = ("auto", "warp", "musetalk", "musetalk-random")
 CYCLE_FRAMES = 8
 STAT_KEYS = ("speech_frames", "dropped_frames", "stalled_frames", "held_frames", "rebases")
 SERVER_READY_TIMEOUT_S = 300.0
-END_MESSAGE = json.dumps({"type": "end"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,18 +315,15 @@ def _run_inprocess(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[
     return rows, settings, engine.device
 
 
-# ---- through a server, over REST and WebSocket ---------------------------------------------------
+# ---- through a server, over REST and WebSocket (lipstream.client) -------------------------------
 
 def _run_websocket(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[list[dict], dict, str]:
     """(rows, settings, device) from the server at --url, or from one started here."""
-    import httpx
     import torch
 
     with contextlib.ExitStack() as stack:
         url, key = (args.url.rstrip("/"), args.key) if args.url else stack.enter_context(spawned_server(args))
-        headers = {"X-API-Key": key}
-        ready = _ok(httpx.get(f"{url}/ready", headers=headers, timeout=30)).json()
-        avatars = _ok(httpx.get(f"{url}/api/avatars", headers=headers, timeout=30)).json()["avatars"]
+        ready, avatars = asyncio.run(_server_facts(url, key))
         avatar = next((a for a in avatars if args.avatar in (None, a["name"])), None)
         if avatar is None:
             raise LipstreamError(f"no avatar {args.avatar or ''!r} for this key; it has: "
@@ -344,50 +343,71 @@ def _run_websocket(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[
     return rows, settings, ready["device"] if local else "cpu"
 
 
+async def _server_facts(url: str, key: str) -> tuple[dict, list[dict]]:
+    """The server's /ready answer (once it is ready) and the key's avatars."""
+    from lipstream.client import LipstreamClient
+
+    async with LipstreamClient(url, key, timeout_s=30) as client:
+        return await client.wait_ready(SERVER_READY_TIMEOUT_S), await client.avatars()
+
+
 @contextlib.contextmanager
 def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """`lipstream serve` in a subprocess on a free localhost port, over a temporary avatars root that
     holds the bench avatar (as `bench`), with one API key; stopped with SIGTERM. Yields (url, key)."""
-    import httpx
-
     from lipstream.avatar.store import save_avatar
+
+    with tempfile.TemporaryDirectory(prefix="lipstream-bench-") as folder:
+        save_avatar(bench_avatar(args.size), root=Path(folder) / "avatars")
+        flags = {"avatars_root": Path(folder) / "avatars", "engine": args.engine, "models_root": args.models,
+                 "device": args.device, "fps": args.fps, "max_batch": args.max_batch,
+                 "max_wait_ms": args.max_wait_ms, "max_sessions_per_key": max(args.clients),
+                 "compile_mode": args.compile}
+        with served(flags, Path(folder) / "server.log") as (url, key):
+            yield url, key
+
+
+@contextlib.contextmanager
+def served(flags: dict, log_path: Path) -> Iterator[tuple[str, str]]:
+    """`lipstream serve` with these settings ({name: value}; None values are left out) in a subprocess
+    on a free localhost port with one new API key, its output in `log_path`; waits until it is ready
+    and stops it with SIGTERM at the end. Yields (url, key); LipstreamError with the end of its log
+    if it exits or is not ready within SERVER_READY_TIMEOUT_S."""
     from lipstream.config import flag_name
 
     key, port = secrets.token_urlsafe(16), free_port()
+    flags = {**flags, "host": "127.0.0.1", "port": port, "api_keys": f"{key}="}
+    command = [sys.executable, "-m", "lipstream.cli", "serve",  # --flag=value: a key may start with "-"
+               *[f"{flag_name(name)}={value}" for name, value in flags.items() if value is not None]]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="lipstream-bench-") as folder:
-        save_avatar(bench_avatar(args.size), root=Path(folder) / "avatars")
-        flags = {"host": "127.0.0.1", "port": port, "avatars_root": Path(folder) / "avatars",
-                 "engine": args.engine, "models_root": args.models, "device": args.device, "fps": args.fps,
-                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "api_keys": f"{key}=",
-                 "max_sessions_per_key": max(args.clients), "compile_mode": args.compile}
-        command = [sys.executable, "-m", "lipstream.cli", "serve",  # --flag=value: a key may start with "-"
-                   *[f"{flag_name(name)}={value}" for name, value in flags.items() if value is not None]]
-        log_path = Path(folder) / "server.log"
-        with log_path.open("wb") as log:
-            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(_until_ready(server, url, key))
+    except BaseException as exc:
+        stop_process(server, signal.SIGTERM)
+        if not isinstance(exc, LipstreamError):
+            raise
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise LipstreamError(f"the server (lipstream serve) did not get ready ({exc}); its log ends:\n{tail}") from exc
+    try:
+        yield url, key
+    finally:
+        stop_process(server, signal.SIGTERM)
 
-        def failed(what: str) -> LipstreamError:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-            return LipstreamError(f"the server (lipstream serve) {what}; its log ends:\n{tail}")
 
-        try:
-            deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-            while True:
-                if server.poll() is not None:
-                    raise failed(f"exited with status {server.returncode} before it was ready")
-                with contextlib.suppress(httpx.TransportError):
-                    reply = httpx.get(f"{url}/ready", headers={"X-API-Key": key}, timeout=5)
-                    if reply.status_code == 200:
-                        break
-                    if "error" in reply.json():
-                        raise failed(f"could not load its engine: {reply.json()['error']}")
-                if time.monotonic() > deadline:
-                    raise failed(f"was not ready within {SERVER_READY_TIMEOUT_S:g} s")
-                time.sleep(0.2)
-            yield url, key
-        finally:
-            stop_process(server, signal.SIGTERM)
+async def _until_ready(server: subprocess.Popen, url: str, key: str) -> None:
+    """Wait for the server to be ready, or to exit (LipstreamError)."""
+    from lipstream.client import LipstreamClient
+
+    async with LipstreamClient(url, key, timeout_s=5) as client:
+        waiting = asyncio.create_task(client.wait_ready(SERVER_READY_TIMEOUT_S))
+        while not waiting.done():
+            if server.poll() is not None:
+                waiting.cancel()
+                raise LipstreamError(f"it exited with status {server.returncode}")
+            await asyncio.wait([waiting], timeout=0.2)
+        waiting.result()
 
 
 def stop_process(process: subprocess.Popen, sig: int, timeout_s: float = 30.0) -> None:
@@ -407,76 +427,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ok(reply):
-    """An httpx reply with a success status; LipstreamError with the server's words otherwise."""
-    if reply.status_code >= 400:
-        raise LipstreamError(f"{reply.request.method} {reply.request.url.path}: {reply.status_code} "
-                             f"{reply.text[:300]}")
-    return reply
-
-
 async def _websocket_clients(n: int, url: str, key: str, avatar: str, speech: list[np.ndarray],
                              args: argparse.Namespace) -> dict:
-    import httpx
+    from lipstream.client import LipstreamClient
 
-    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=30) as http:
-        before = await _engine_totals(http)
+    async with LipstreamClient(url, key, timeout_s=30) as client:
+        before = await _engine_totals(client)
         stop_at = time.monotonic() + args.seconds
         rng = random.Random(n)
-        results = await asyncio.gather(*[_websocket_client(http, url, key, avatar, speech[i % len(speech)],
-                                                           args, stop_at, rng) for i in range(n)])
-        return _row(n, results, _engine_means(before, await _engine_totals(http)))
+        results = await asyncio.gather(*[_websocket_client(client, avatar, speech[i % len(speech)], args, stop_at, rng)
+                                         for i in range(n)])
+        return _row(n, results, _engine_means(before, await _engine_totals(client)))
 
 
-async def _websocket_client(http, url: str, key: str, avatar: str, speech: np.ndarray,
-                            args: argparse.Namespace, stop_at: float, rng: random.Random) -> dict:
+async def _websocket_client(client: LipstreamClient, avatar: str, speech: np.ndarray, args: argparse.Namespace,
+                            stop_at: float, rng: random.Random) -> dict:
     """One session over REST + WebSocket: speak at real-time pace and read frames until `stop_at`."""
-    from websockets.asyncio.client import connect
+    session = await client.open_session(avatar, fps=args.fps)
+    tally, offsets, first_frame_stats = _Tally(), [], []
 
-    from lipstream.server import wire
+    async def send(chunk: np.ndarray | None) -> None:
+        await (session.end_speech() if chunk is None else session.push_audio(chunk))
 
-    created = _ok(await http.post("/api/sessions", json={"avatar": avatar, "fps": args.fps})).json()
-    stats_path = f"/api/sessions/{created['id']}/stats"
-    tally, started_index, offsets, first_frame_stats = _Tally(), None, [], []
-    ws_url = "ws" + url.removeprefix("http") + created["ws"]  # http -> ws, https -> wss
-    async with connect(ws_url, additional_headers={"X-API-Key": key}, max_size=None) as ws:
-        async def send(chunk: np.ndarray | None) -> None:
-            await ws.send(END_MESSAGE if chunk is None else chunk.astype("<i2", copy=False).tobytes())
-
-        producer = asyncio.create_task(_speak(send, speech, args, stop_at, rng, tally.starts))
-        try:
-            async for message in ws:
-                now = time.monotonic()
-                if isinstance(message, str):
-                    event = json.loads(message)
-                    if event["type"] == "speech_started":
-                        started_index = event["index"]  # sent just before that frame
-                    elif event["type"] == "error":
-                        print(f"the server answered a client message: {event['message']}", file=sys.stderr)
-                    continue
-                frame = wire.unpack_frame(message)
-                offsets.append(now - frame.pts)
-                if tally.frame(now, frame.index == started_index):
-                    first_frame_stats.append(asyncio.create_task(http.get(stats_path)))
-                if now >= stop_at:
-                    break
-        finally:
-            producer.cancel()
-        stats = _ok(await http.get(stats_path)).json()["stats"]
-        await http.delete(f"/api/sessions/{created['id']}")
-    replies = await asyncio.gather(*first_frame_stats)
-    first_frame_ms = [_ok(reply).json()["stats"]["first_frame_ms"] for reply in replies]
+    producer = asyncio.create_task(_speak(send, speech, args, stop_at, rng, tally.starts))
+    try:
+        async for frame in session.frames(color=None):  # the JPEGs are not decoded
+            now = time.monotonic()
+            for error in frame.errors:
+                print(f"the server answered a client message: {error}", file=sys.stderr)
+            offsets.append(now - frame.pts)
+            if tally.frame(now, "speech_started" in frame.events):
+                first_frame_stats.append(asyncio.create_task(session.stats()))
+            if now >= stop_at:
+                break
+    finally:
+        producer.cancel()
+    stats = await session.stats()
+    await session.aclose()
+    first_frame_ms = [stats["first_frame_ms"] for stats in await asyncio.gather(*first_frame_stats)]
     tally.ready_to_frame = [ms for ms in first_frame_ms if ms is not None]
     tally.late = [1000 * (offset - min(offsets)) for offset in offsets]  # empty without frames
     return tally.result(stats)
 
 
-async def _engine_totals(http) -> dict[str, float]:
+async def _engine_totals(client: LipstreamClient) -> dict[str, float]:
     """The server's engine batch and engine time histograms' sums and counts, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     totals = {}
-    for family in text_string_to_metric_families(_ok(await http.get("/metrics")).text):
+    for family in text_string_to_metric_families(await client.metrics()):
         if family.name not in ("lipstream_batch_frames", "lipstream_stage_seconds"):
             continue
         for sample in family.samples:
