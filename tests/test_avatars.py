@@ -36,7 +36,6 @@ from lipstream.avatar.masks import (
 from lipstream.avatar.prepare import prepare_avatar
 from lipstream.avatar.source import FaceSource, open_source
 from lipstream.avatar.store import AvatarCache, delete_avatar, import_avatar, list_avatars, load_avatar
-from lipstream.bench.scene import write_face_video
 from lipstream.cli import main
 from lipstream.errors import (
     AvatarCorruptError,
@@ -49,6 +48,7 @@ from lipstream.errors import (
     MissingWeightsError,
     NoFaceError,
 )
+from lipstream.synthetic import write_face_video
 from musetalk_tiny import write_tiny_musetalk
 
 BLANK = (20, 21)  # frames of the test video without a face

@@ -25,12 +25,12 @@ from lipstream.avatar.landmarks import (
     FaceMesh,
 )
 from lipstream.avatar.model import Avatar
-from lipstream.bench.warp import synthetic_speech, vowel
 from lipstream.engines.base import Engine, concat, take
 from lipstream.engines.mouth_warp import EDGE, NOSE_BASE, warp_mouth
 from lipstream.engines.select import load_engine
 from lipstream.engines.warp import WarpEngine
 from lipstream.errors import MissingWeightsError, NoFaceError
+from lipstream.synthetic import speech, vowel
 from musetalk_tiny import write_tiny_musetalk
 
 FPS = 25
@@ -179,7 +179,7 @@ def test_only_the_face_box_changes_in_the_frame(engine, avatar, material):
 
 def test_streaming_gives_exactly_the_offline_states(engine, bursts):
     rng = np.random.default_rng(1)
-    audio = np.concatenate([bursts, synthetic_speech(3.0, seed=2), silence(0.013)])
+    audio = np.concatenate([bursts, speech(3.0, seed=2), silence(0.013)])
     audio = (audio * 32768).astype(np.int16).astype(np.float32) / 32768  # int16 chunks carry it exactly
     for fps in (25, 30):  # 30: frames of 533 and 534 samples
         offline = engine.features(audio, fps)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile
 
-from avatar_helpers import scene_avatar
 from lipstream.avatar.store import save_avatar
 from lipstream.cli import main
 from lipstream.engines.base import take
@@ -19,6 +18,8 @@ from lipstream.errors import AudioTooShortError
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.render import render
 from lipstream.stream.render_cli import ENGINE_CHOICES
+from lipstream.synthetic import moving_avatar
+from lipstream.synthetic import speech as speech_like
 from musetalk_tiny import write_tiny_musetalk
 
 SR = 16000
@@ -38,19 +39,14 @@ def engine(models_root) -> MuseTalkEngine:
 
 
 @pytest.fixture(scope="module")
-def avatar(make_scene):
-    return scene_avatar([make_scene(FRAME_HW, face_box=(120 + 3 * i, 40, 200 + 3 * i, 140), seed=i)
-                         for i in range(3)])
+def avatar():
+    return moving_avatar(FRAME_HW, (120, 40, 200, 140), 3, step_px=3)
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
     """1.23 s of a speech-like signal (30.75 frames at 25 fps -> 30 frames), float32 16 kHz."""
-    rng = np.random.default_rng(0)
-    t = np.arange(int(1.23 * SR) + 7) / SR
-    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None)
-    signal = envelope * (0.3 * np.sin(2 * np.pi * 180 * t) + 0.1 * np.sin(2 * np.pi * 720 * t))
-    return (signal + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    return speech_like(1.23)
 
 
 @pytest.fixture(scope="module")

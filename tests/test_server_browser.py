@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_helpers import SR, free_port, speech_like, store_avatar, wav_bytes
+from lipstream.synthetic import speech
+from server_helpers import SR, free_port, store_avatar, wav_bytes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.browser,
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.browser,
 @pytest.fixture(scope="module")
 def microphone_wav(tmp_path_factory) -> Path:
     """2 s of speech-like sound, then 1.5 s of silence (the fake microphone loops it)."""
-    audio = np.concatenate([speech_like(2.0, level=0.5), np.zeros(int(1.5 * SR), np.float32)])
+    audio = np.concatenate([speech(2.0, level_db=-14), np.zeros(int(1.5 * SR), np.float32)])
     path = tmp_path_factory.mktemp("mic") / "speech.wav"
     path.write_bytes(wav_bytes(audio))
     return path

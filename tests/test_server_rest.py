@@ -15,7 +15,8 @@ from lipstream.config import load_settings
 from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
 from lipstream.server.serve import page_url
-from server_helpers import SR, astronaut_avatar, pcm16, server_settings, speech_like, store_avatar, wav_bytes
+from lipstream.synthetic import speech
+from server_helpers import SR, astronaut_avatar, pcm16, server_settings, store_avatar, wav_bytes
 
 DEFAULT = {"Authorization": "Bearer k-default"}
 OTHER = {"X-API-Key": "k-other"}
@@ -89,12 +90,12 @@ def test_session_lifecycle_audio_and_stats(client):
     session = new_session(client, output_height=256)
     assert (session["width"], session["height"]) == (256, 256)
     sid = session["id"]
-    speech = speech_like(1.0)
-    reply = client.post(f"/api/sessions/{sid}/audio", content=pcm16(speech),
+    audio = speech(1.0)
+    reply = client.post(f"/api/sessions/{sid}/audio", content=pcm16(audio),
                         headers={**DEFAULT, "Content-Type": "application/octet-stream"})
     assert reply.json() == {"samples": SR, "seconds": 1.0, "ended": False}
     reply = client.post(f"/api/sessions/{sid}/audio?end=true", headers=DEFAULT,
-                        files={"file": ("hello.wav", wav_bytes(speech_like(0.5)), "audio/wav")})
+                        files={"file": ("hello.wav", wav_bytes(speech(0.5)), "audio/wav")})
     assert reply.json()["samples"] == SR // 2 and reply.json()["ended"]
     stats = client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).json()
     assert stats["stats"]["audio_queued_s"] == pytest.approx(1.5)
@@ -106,10 +107,10 @@ def test_session_lifecycle_audio_and_stats(client):
 
 def test_audio_at_another_rate_and_as_a_file_body(client):
     sid = new_session(client)["id"]
-    reply = client.post(f"/api/sessions/{sid}/audio?sample_rate=8000", content=pcm16(speech_like(0.5)[::2]),
+    reply = client.post(f"/api/sessions/{sid}/audio?sample_rate=8000", content=pcm16(speech(0.5)[::2]),
                         headers={**DEFAULT, "Content-Type": "audio/L16"})
     assert reply.json()["samples"] == 4000 * 2  # 0.5 s at 16 kHz
-    reply = client.post(f"/api/sessions/{sid}/audio", content=wav_bytes(speech_like(0.25)),
+    reply = client.post(f"/api/sessions/{sid}/audio", content=wav_bytes(speech(0.25)),
                         headers={**DEFAULT, "Content-Type": "audio/wav"})
     assert reply.json()["samples"] == SR // 4
 
@@ -127,11 +128,11 @@ def test_limits_and_bad_input_get_clear_errors(client):
     assert odd.status_code == 400 and "2 bytes a sample" in odd.json()["detail"]
     garbage = client.post(audio, content=b"not audio at all" * 10, headers={**DEFAULT, "Content-Type": "audio/wav"})
     assert garbage.status_code == 400 and garbage.json()["error"] == "AudioDecodeError"
-    no_field = client.post(audio, headers=DEFAULT, files={"audio": ("a.wav", wav_bytes(speech_like(0.1)))})
+    no_field = client.post(audio, headers=DEFAULT, files={"audio": ("a.wav", wav_bytes(speech(0.1)))})
     assert no_field.status_code == 400 and "`file`" in no_field.json()["detail"]
     for _ in range(3):  # 3 s queued is the limit
-        assert client.post(audio, content=pcm16(speech_like(1.0)), headers=raw).status_code == 200
-    full = client.post(audio, content=pcm16(speech_like(0.5)), headers=raw)
+        assert client.post(audio, content=pcm16(speech(1.0)), headers=raw).status_code == 200
+    full = client.post(audio, content=pcm16(speech(0.5)), headers=raw)
     assert full.status_code == 429 and full.json()["error"] == "QueueFullError"
     big = client.post(audio, content=b"\0" * 2_000_002, headers=raw)
     assert big.status_code == 413 and "max_upload_bytes" in big.json()["detail"]
@@ -249,13 +250,13 @@ def test_audio_files_are_recognised_and_a_long_file_fits_an_empty_queue(client):
     """A WAV/MP3 body without a Content-Type is decoded as a file, not played as PCM; raw PCM stays
     PCM; a file longer than the queue bound (3 s here) but within max_audio_seconds (5 s) is accepted."""
     audio = f"/api/sessions/{new_session(client)['id']}/audio"
-    wav = wav_bytes(speech_like(4.0))
+    wav = wav_bytes(speech(4.0))
     for headers in (DEFAULT, {**DEFAULT, "Content-Type": "application/octet-stream"}):
         reply = client.post(audio, content=wav, headers=headers)
         assert reply.status_code == 200, reply.text
         assert reply.json()["samples"] == 4 * SR, "decoded as a WAV file, header not played as PCM"
         client.post(f"{audio.rsplit('/', 1)[0]}/interrupt", headers=DEFAULT)
-    pcm = pcm16(speech_like(0.5))
+    pcm = pcm16(speech(0.5))
     assert client.post(audio, content=pcm, headers=DEFAULT).json()["samples"] == len(pcm) // 2
 
 

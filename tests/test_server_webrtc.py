@@ -22,7 +22,8 @@ from lipstream.server.webrtc import SessionFeed
 from lipstream.stream.clock import MediaClock
 from lipstream.stream.scheduler import Scheduler
 from lipstream.stream.session import Session
-from server_helpers import LiveServer, pcm16, server_settings, speech_like, store_avatar
+from lipstream.synthetic import speech
+from server_helpers import LiveServer, pcm16, server_settings, store_avatar
 
 KEY = {"Authorization": "Bearer k-default"}
 
@@ -71,9 +72,9 @@ def test_video_audio_and_events_over_webrtc(server):
         assert set(tracks) == {"video", "audio"}
         first = await asyncio.wait_for(tracks["video"].recv(), 15)
         began = time.monotonic()
-        speech = pcm16(speech_like(1.0))
-        for start in range(0, len(speech), 640):
-            channel.send(speech[start:start + 640])
+        pcm = pcm16(speech(1.0))
+        for start in range(0, len(pcm), 640):
+            channel.send(pcm[start:start + 640])
         channel.send(json.dumps({"type": "end"}))
         channel.send("not json")
         audio = []

@@ -16,8 +16,9 @@ from fastapi.testclient import TestClient
 from lipstream.engines.warp import WarpEngine
 from lipstream.server import wire
 from lipstream.server.app import create_app
+from lipstream.synthetic import speech
 from musetalk_tiny import write_tiny_musetalk
-from server_helpers import pcm16, server_settings, speech_like, store_avatar
+from server_helpers import pcm16, server_settings, store_avatar
 
 FPS = 25
 
@@ -60,13 +61,13 @@ def test_wire_frame_round_trip():
 
 def test_speech_in_frames_audio_and_events_out(client):
     sid = session(client, output_height=256)
-    speech = pcm16(speech_like(1.2))
+    pcm = pcm16(speech(1.2))
     with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
         hello = json.loads(receive(ws))
         assert hello == {"type": "hello", "session": sid, "avatar": "astronaut", "fps": FPS, "width": 256,
                          "height": 256, "sample_rate": 16000, "format": "LSF1"}
-        for start in range(0, len(speech), 640):  # 20 ms chunks
-            ws.send_bytes(speech[start:start + 640])
+        for start in range(0, len(pcm), 640):  # 20 ms chunks
+            ws.send_bytes(pcm[start:start + 640])
         ws.send_text(json.dumps({"type": "end"}))
         frames, events = [], []
         while not (events and events[-1]["type"] == "speech_ended" and frames[-1].index == events[-1]["index"]):
@@ -84,7 +85,7 @@ def test_speech_in_frames_audio_and_events_out(client):
     assert all(f.speaking for f in frames[started:ended]) and not any(f.speaking for f in frames[ended:])
     assert not any(f.speaking for f in frames[:started])
     spoken = np.concatenate([f.audio for f in frames[started:ended]])
-    pushed = np.frombuffer(speech, "<i2")
+    pushed = np.frombuffer(pcm, "<i2")
     assert np.array_equal(spoken[:pushed.size], pushed), "the frames carry exactly the audio pushed"
     assert not spoken[pushed.size:].any()
     images = [cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR) for f in frames]
@@ -120,7 +121,7 @@ def test_interrupt_over_the_websocket(client):
     sid = session(client)
     with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
         receive(ws)
-        ws.send_bytes(pcm16(speech_like(3.0)))
+        ws.send_bytes(pcm16(speech(3.0)))
         message = None
         while not (isinstance(message, wire.WireFrame) and message.speaking):
             message = receive(ws)
@@ -192,7 +193,7 @@ def test_a_musetalk_server_speaks_over_the_websocket(tmp_path, device):
         sid = session(client)
         with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
             receive(ws)
-            ws.send_bytes(pcm16(speech_like(1.0)))
+            ws.send_bytes(pcm16(speech(1.0)))
             ws.send_text(json.dumps({"type": "end"}))
             events, frames = [], []
             while "speech_ended" not in events:

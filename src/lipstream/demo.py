@@ -69,8 +69,8 @@ def sample_avatar(root: str | Path | None = None, models_root: str | Path | None
 
     from lipstream.avatar.prepare import prepare_avatar
     from lipstream.avatar.store import load_avatar
-    from lipstream.bench.scene import astronaut_bgr
     from lipstream.errors import AvatarCorruptError, AvatarNotFoundError
+    from lipstream.synthetic import astronaut_bgr
 
     try:
         return load_avatar(SAMPLE_AVATAR, root=root), False

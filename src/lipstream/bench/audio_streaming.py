@@ -1,6 +1,6 @@
 """`lipstream bench audio-streaming`: how far streaming audio features are from offline ones.
 
-On speech (a file, or a synthetic speech-like signal), compare `StreamingFeatures` with
+On speech (a file, or `synthetic.speech`), compare `StreamingFeatures` with
 `audio_features` (offline, MuseTalk's exact path). The first `--lead-seconds` are pushed in one
 chunk (so that every context length has audio to see); the next `--seconds` are pushed in 20 ms
 chunks and measured: relative L2 ||s - o|| / ||o|| over their frames and the worst frame, by context
@@ -48,38 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faces", type=int, default=0,
                         help="also compare N generated faces at the defaults (needs the MuseTalk weights)")
     parser.add_argument("--models", default=None, help="MuseTalk models root for --faces (default LIPSTREAM_MODELS)")
-
-
-def speech_like(seconds: float, seed: int = 0, sample_rate: int = 16000) -> np.ndarray:
-    """A speech-like test signal, float32 [N] at `sample_rate`, RMS about 0.1.
-
-    Voiced syllables (harmonics of a gliding f0, shaped by two moving formants, 120-300 ms each,
-    raised-cosine envelopes), unvoiced noise bursts at some onsets, and short pauses."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sample_rate)
-    t = np.arange(n) / sample_rate
-    f0 = 130 + 25 * np.sin(2 * np.pi * 0.7 * t) + 15 * np.sin(2 * np.pi * 2.3 * t + 1.0)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    formant1 = 500 + 250 * np.sin(2 * np.pi * 3.1 * t)
-    formant2 = 1500 + 600 * np.sin(2 * np.pi * 1.9 * t + 0.5)
-    voiced = np.zeros(n)
-    for h in range(1, 30):
-        freq = h * f0
-        gain = np.exp(-((freq - formant1) / 180) ** 2) + 0.6 * np.exp(-((freq - formant2) / 300) ** 2) + 0.02
-        voiced += gain * np.sin(h * phase) / np.sqrt(h)
-    envelope = np.zeros(n)
-    noise = np.zeros(n)
-    pos = int(0.1 * sample_rate)
-    while pos < n:
-        length = int(rng.uniform(0.12, 0.30) * sample_rate)
-        end = min(n, pos + length)
-        envelope[pos:end] = np.sin(np.pi * np.arange(end - pos) / length) ** 2
-        if rng.random() < 0.4:  # a fricative-like burst at the onset
-            burst = min(end - pos, int(0.05 * sample_rate))
-            noise[pos:pos + burst] = np.diff(rng.standard_normal(burst + 1)) * np.hanning(burst)
-        pos = end + int(rng.choice([0.0, 0.02, 0.25], p=[0.5, 0.35, 0.15]) * sample_rate)
-    signal = voiced * envelope + 0.3 * noise + 0.002 * rng.standard_normal(n)
-    return (signal * (0.1 / np.sqrt(np.mean(signal ** 2)))).astype(np.float32)
 
 
 def _start_placement_class():
@@ -176,6 +144,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     from lipstream.audio import StreamingFeatures, audio_features, load_audio
     from lipstream.audio.streaming import DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_MS, DEFAULT_STEP_MS
     from lipstream.bench.report import format_table, write_results
+    from lipstream.synthetic import speech
 
     encoder, extractor, weights, engine = _load_models(args)
     total_samples = int((args.lead_seconds + args.seconds) * 16000)
@@ -183,7 +152,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         audio = load_audio(args.audio)[:total_samples]
         source = args.audio
     else:
-        audio = speech_like(total_samples / 16000, args.seed)
+        audio = speech(total_samples / 16000, args.seed)
         source = "synthetic speech-like signal"
     lead = min(int(args.lead_seconds * 16000), audio.shape[0])
     offline = audio_features(audio, encoder, extractor, fps=args.fps)

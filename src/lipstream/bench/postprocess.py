@@ -21,7 +21,7 @@ import torch
 from lipstream import imgproc
 from lipstream.bench import original
 from lipstream.bench.report import device_name, format_table, interleaved_median_ms, median_ms, write_results
-from lipstream.bench.scene import Scene, astronaut_bgr, make_scene
+from lipstream.synthetic import Scene, astronaut_bgr, make_scene
 
 FRAME_SIZES = {"1080p": ((1080, 1920), (760, 220, 1060, 580)), "720p": ((720, 1280), (500, 150, 700, 390))}
 BATCH = 16
