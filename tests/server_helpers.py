@@ -15,13 +15,12 @@ import soundfile
 import uvicorn
 
 from face_avatar import photo_avatar
+from lipstream.audio.load import SAMPLE_RATE as SR
 from lipstream.avatar.model import Avatar
 from lipstream.avatar.store import save_avatar
 from lipstream.bench.serve import free_port
 from lipstream.config import Settings, load_settings
 from lipstream.synthetic import astronaut_bgr
-
-SR = 16000
 
 
 @cache

@@ -9,20 +9,18 @@ import numpy as np
 import pytest
 import soundfile
 
+from lipstream.audio.load import SAMPLE_RATE as SR
 from lipstream.avatar.store import save_avatar
 from lipstream.cli import main
 from lipstream.engines.base import take
 from lipstream.engines.musetalk import MuseTalkEngine
-from lipstream.engines.select import ENGINE_NAMES
 from lipstream.errors import AudioTooShortError
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.render import render
-from lipstream.stream.render_cli import ENGINE_CHOICES
 from lipstream.synthetic import moving_avatar
 from lipstream.synthetic import speech as speech_like
 from musetalk_tiny import write_tiny_musetalk
 
-SR = 16000
 FRAME_HW = (181, 321)  # odd on purpose: the MP4 pads to even, the PNGs keep the size
 
 
@@ -211,7 +209,3 @@ def test_cli_rejects_an_unsupported_output_before_rendering(tmp_path, avatars_ro
                models_root=models_root) == 1
     assert "ending in .mp4" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_cli_engine_choices_are_the_selectable_engines():
-    assert ENGINE_CHOICES == ENGINE_NAMES

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipstream.avatar.layout import clean_tenant
+from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AvatarNameError, SettingsError
 
 ENV_PREFIX = "LIPSTREAM_"
@@ -40,7 +41,7 @@ class Settings(BaseModel):
                                             '"cuda:1"')
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description='engine precision; "auto": float16 on CUDA, float32 on the CPU')
-    engine: Literal["auto", "musetalk", "warp"] = Field(
+    engine: Literal[ENGINE_NAMES] = Field(
         "auto", description='lip-sync engine; "auto": MuseTalk when its weights are present, else warp')
     models_root: Path = Field(Path("./models"), json_schema_extra={"env": "LIPSTREAM_MODELS"},
                               description="folder of the MuseTalk weights (MuseTalk's own layout)")

@@ -26,7 +26,7 @@ from lipstream.errors import (
     NoAudioStreamError,
 )
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # the rate of all audio inside lipstream (MuseTalk's, whisper's)
 SOXR_QUALITY = "HQ"
 
 AudioSource = str | os.PathLike | bytes

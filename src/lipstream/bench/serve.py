@@ -54,10 +54,11 @@ import numpy as np
 
 from lipstream.bench.postprocess import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
+from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import LipstreamError
 
 DEFAULT_CLIENTS = [1, 4, 16, 32]
-ENGINES = ("auto", "warp", "musetalk", "musetalk-random")
+ENGINES = (*ENGINE_NAMES, "musetalk-random")
 CYCLE_FRAMES = 8
 STAT_KEYS = ("speech_frames", "dropped_frames", "stalled_frames", "held_frames", "rebases")
 SERVER_READY_TIMEOUT_S = 300.0

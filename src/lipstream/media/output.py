@@ -22,6 +22,7 @@ from typing import Self
 import numpy as np
 import torch
 
+from lipstream.audio.load import SAMPLE_RATE
 from lipstream.errors import OutputPathError
 
 MP4_SUFFIX = ".mp4"
@@ -54,7 +55,7 @@ class VideoOutput(ABC):
     `frames_written` counts the frames so far."""
 
     def __init__(self, path: str | os.PathLike, fps: float | Fraction, frame_size: tuple[int, int],
-                 audio: np.ndarray | None = None, sample_rate: int = 16000):
+                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE):
         self.path = Path(path)
         self.fps = as_fps(fps)
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
@@ -133,7 +134,7 @@ class VideoOutput(ABC):
 
 
 def open_output(path: str | os.PathLike, fps: float | Fraction, frame_size: tuple[int, int],
-                audio: np.ndarray | None = None, sample_rate: int = 16000) -> VideoOutput:
+                audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE) -> VideoOutput:
     """The writer `output_kind(path)` chooses, writing to a temporary name next to `path`
     (missing parent folders are made). Raises OutputPathError when `path` cannot be an output."""
     kind = output_kind(path)

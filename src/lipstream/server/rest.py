@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
 from lipstream.config import check_output_height
+from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession
@@ -129,7 +130,7 @@ async def get_job(job_id: str, request: Request, caller: CallerDep) -> dict:
 class SessionRequest(BaseModel):
     avatar: str = Field(description="name of one of the tenant's avatars")
     fps: int | None = Field(None, ge=1, le=50, description="frame rate (default: setting fps)")
-    engine: Literal["auto", "musetalk", "warp"] = Field("auto", description='"auto": the server\'s engine')
+    engine: Literal[ENGINE_NAMES] = Field("auto", description='"auto": the server\'s engine')
     output_height: int | None = Field(None, ge=0, le=4320, description="streamed frame height (default: "
                                                                        "setting output_height; 0: the avatar's)")
 

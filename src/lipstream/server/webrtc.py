@@ -32,6 +32,7 @@ from aiortc.mediastreams import MediaStreamError
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from lipstream.audio.load import SAMPLE_RATE
 from lipstream.errors import BadRequestError, SessionNotFoundError
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
@@ -46,8 +47,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
-AUDIO_RATE = 16000
-AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
+AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AUDIO_CHUNK = 320  # 20 ms: aiortc packs one audio frame into one RTP packet of one Opus frame
 QUEUE_S = 1.0  # how far a track may lag behind before its oldest frames are dropped
 
@@ -84,7 +84,7 @@ class SessionFeed:
         self.entry = entry
         self.encoding = encoding
         self.video = FrameTrack("video", max(2, round(QUEUE_S * entry.fps)))
-        self.audio = FrameTrack("audio", round(QUEUE_S * AUDIO_RATE / AUDIO_CHUNK))
+        self.audio = FrameTrack("audio", round(QUEUE_S * SAMPLE_RATE / AUDIO_CHUNK))
         self.channel: RTCDataChannel | None = None
         self._pending = np.zeros(0, np.int16)  # audio not yet sent: less than one chunk
         self._samples_sent: int | None = None  # pts of the next audio sample, on the 16 kHz clock
@@ -99,7 +99,7 @@ class SessionFeed:
         whole = pending.shape[0] - pending.shape[0] % AUDIO_CHUNK
         for start in range(0, whole, AUDIO_CHUNK):
             chunk = av.AudioFrame.from_ndarray(pending[None, start:start + AUDIO_CHUNK], format="s16", layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = AUDIO_RATE, self._samples_sent, AUDIO_TIME_BASE
+            chunk.sample_rate, chunk.pts, chunk.time_base = SAMPLE_RATE, self._samples_sent, AUDIO_TIME_BASE
             self._samples_sent += AUDIO_CHUNK
             self.audio.offer(chunk)
         self._pending = pending[whole:]
@@ -116,7 +116,7 @@ class SessionFeed:
             self._send(wire.event_message(event, frame.index, frame.pts))
         self.video.offer(await self.encoding.run(self._video_frame, frame))
         if self._samples_sent is None:  # the audio clock starts where the video's does
-            self._samples_sent = round(frame.pts * AUDIO_RATE)
+            self._samples_sent = round(frame.pts * SAMPLE_RATE)
         self._push_audio(frame.audio)
         self._frames_sent.inc()
 

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-ENGINE_CHOICES = ("auto", "musetalk", "warp")
+from lipstream.engines import ENGINE_NAMES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--engine, --device, --avatars, --models: what a command that renders needs to find its inputs."""
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help="auto (default): musetalk when its weights are installed, else warp")
     parser.add_argument("--device", help="the engine's device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
     parser.add_argument("--avatars", metavar="DIR", help="avatars root (default: env LIPSTREAM_AVATARS or ./results)")

@@ -41,11 +41,12 @@ import numpy as np
 import torch
 
 from lipstream.audio.features import check_fps
+from lipstream.audio.load import SAMPLE_RATE
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, Material, take
 from lipstream.errors import QueueFullError, SessionClosedError
 from lipstream.metrics import ACTIVE_SESSIONS, DROPPED_FRAMES, FIRST_FRAME_SECONDS, FRAMES, STALLED_FRAMES
-from lipstream.stream.clock import SAMPLE_RATE, MediaClock
+from lipstream.stream.clock import MediaClock
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.pcm import to_pcm16
 from lipstream.stream.scheduler import Scheduler

@@ -12,8 +12,7 @@ import math
 import numpy as np
 import torch
 
-from lipstream.audio.load import as_float_mono, rms_dbfs
-from lipstream.stream.clock import SAMPLE_RATE
+from lipstream.audio.load import SAMPLE_RATE, as_float_mono, rms_dbfs
 from lipstream.stream.pcm import PcmBuffer
 
 
