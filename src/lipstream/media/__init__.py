@@ -2,7 +2,8 @@
 
 `open_output(path, fps, frame_size, audio)` picks the writer from the path (see `media.output`)."""
 
+from lipstream.media.base import VideoOutput
 from lipstream.media.jpeg import encode_jpeg
-from lipstream.media.output import OutputThread, VideoOutput, open_output, output_kind
+from lipstream.media.output import OutputThread, open_output, output_kind
 
 __all__ = ["OutputThread", "VideoOutput", "encode_jpeg", "open_output", "output_kind"]

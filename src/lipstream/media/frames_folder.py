@@ -15,7 +15,7 @@ import numpy as np
 import soundfile
 
 from lipstream.errors import OutputPathError
-from lipstream.media.output import VideoOutput
+from lipstream.media.base import VideoOutput
 
 FRAME_NAME = "{:08d}.png"
 AUDIO_NAME = "audio.wav"

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from lipstream.audio.load import as_float_mono
-from lipstream.media.output import VideoOutput
+from lipstream.media.base import VideoOutput
 
 # FFmpeg's AAC encoder at 16 kHz mono: 96 kb/s keeps ~35-40 dB SNR from the first frame on; at 64 kb/s the
 # first frame (64 ms) of a clip is badly distorted.
