@@ -15,8 +15,8 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from lipstream.avatar.model import Avatar
 from lipstream.engines.warp import WarpEngine
+from lipstream.media.encoding import EncodingPool
 from lipstream.server.app import create_app
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
 from lipstream.server.webrtc import SessionFeed
 from lipstream.stream.clock import MediaClock

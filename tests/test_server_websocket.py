@@ -215,9 +215,8 @@ def test_jpeg_encoder_choice_on_the_cpu():
 
     from lipstream.config import Settings
     from lipstream.errors import SettingsError
-    from lipstream.media.jpeg import encode_jpeg_cuda, nvjpeg_available
+    from lipstream.media.encoding import encode_jpeg_cuda, frame_jpeg, nvjpeg_available
     from lipstream.server.app import create_app
-    from lipstream.server.websocket import frame_jpeg
 
     frame = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     for encoder in ("auto", "opencv", "nvjpeg"):
@@ -234,8 +233,7 @@ def test_jpeg_encoder_choice_on_the_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_frames_decode_close_to_the_opencv_ones():
 
-    from lipstream.media.jpeg import nvjpeg_available
-    from lipstream.server.websocket import frame_jpeg
+    from lipstream.media.encoding import frame_jpeg, nvjpeg_available
 
     if not nvjpeg_available():
         pytest.skip("torchvision with nvJPEG is not installed")

@@ -21,12 +21,11 @@ from lipstream.avatar.store import sweep_stale_builds
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.errors import SettingsError
-from lipstream.media.jpeg import nvjpeg_available
+from lipstream.media.encoding import EncodingPool, nvjpeg_available
 from lipstream.server import http_errors, rest, webrtc, websocket
 from lipstream.server.auth import ApiKeys
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.body_limit import BodyLimitMiddleware
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.engines import EngineHub
 from lipstream.server.jobs import AvatarJobs
 from lipstream.server.registry import SessionRegistry

@@ -19,9 +19,9 @@ from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
 from lipstream.config import check_output_height
 from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
+from lipstream.media.encoding import output_size
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import output_size
 from lipstream.stream.session import Session
 
 router = APIRouter()

@@ -1,14 +1,10 @@
-"""What the two transports share: applying a client's messages to its session, and sizing frames.
+"""What the two transports share: applying a client's messages to its session.
 
 Both the WebSocket and the WebRTC data channel carry the same client messages (see `wire`)."""
 
 from __future__ import annotations
 
 import json
-
-import cv2
-import numpy as np
-import torch
 
 from lipstream.errors import LipstreamError
 from lipstream.server import wire
@@ -34,40 +30,3 @@ def apply_client_message(entry: OpenSession, data: bytes | str) -> str | None:
     except LipstreamError as exc:
         return wire.error_message(type(exc).__name__, str(exc))
     return None
-
-
-def output_size(frame_size: tuple[int, int], height: int) -> tuple[int, int]:
-    """(height, width) of the streamed frames for frames of `frame_size` (height, width): scaled to
-    `height` (0: unscaled), width keeping the aspect ratio; both even, as video encoders need."""
-    h, w = frame_size
-    if height <= 0 or height == h:
-        return h - h % 2, w - w % 2
-    return height - height % 2, max(2, round(w * height / h / 2) * 2)
-
-
-def output_tensor(image: torch.Tensor, height: int) -> torch.Tensor:
-    """`output_image` for a uint8 [H, W, 3] tensor that stays on its device (area-averaged when
-    shrinking, bilinear when enlarging, as OpenCV; values may differ from it by a level or two)."""
-    h, w = image.shape[:2]
-    th, tw = output_size((h, w), height)
-    if (th, tw) == (h, w):
-        return image
-    if height <= 0 or height == h:
-        return image[:th, :tw]
-    chw = image.permute(2, 0, 1)[None].float()
-    scaled = torch.nn.functional.interpolate(chw, size=(th, tw), mode="area" if th < h else "bilinear")
-    return scaled[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-
-
-def output_image(image: np.ndarray | torch.Tensor, height: int) -> np.ndarray:
-    """A frame, uint8 [H, W, 3] BGR (NumPy, or a tensor on any device), as a NumPy array at
-    `output_size` (an odd last row or column is dropped when not scaling)."""
-    if isinstance(image, torch.Tensor):
-        image = image.cpu().numpy()
-    h, w = image.shape[:2]
-    th, tw = output_size((h, w), height)
-    if (th, tw) == (h, w):
-        return image
-    if height <= 0 or height == h:
-        return np.ascontiguousarray(image[:th, :tw])
-    return cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA if th < h else cv2.INTER_LINEAR)

@@ -34,19 +34,18 @@ from pydantic import BaseModel
 
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.errors import BadRequestError, SessionNotFoundError
+from lipstream.media.encoding import EncodingPool, video_frame
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import CallerDep
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession, SessionRegistry
-from lipstream.server.viewer import apply_client_message, output_image
+from lipstream.server.viewer import apply_client_message
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AUDIO_CHUNK = 320  # 20 ms: aiortc packs one audio frame into one RTP packet of one Opus frame
 QUEUE_S = 1.0  # how far a track may lag behind before its oldest frames are dropped
@@ -104,17 +103,12 @@ class SessionFeed:
             self.audio.offer(chunk)
         self._pending = pending[whole:]
 
-    def _video_frame(self, frame: OutputFrame) -> av.VideoFrame:
-        video = av.VideoFrame.from_ndarray(output_image(frame.image, self.entry.output_height), format="bgr24")
-        video.pts, video.time_base = round(frame.pts * 90000), VIDEO_TIME_BASE
-        return video
-
     async def handle(self, frame: OutputFrame) -> None:
         """One frame of the session: its events, its image (copied and converted on the encoding
         pool), its audio."""
         for event in frame.events:
             self._send(wire.event_message(event, frame.index, frame.pts))
-        self.video.offer(await self.encoding.run(self._video_frame, frame))
+        self.video.offer(await self.encoding.run(video_frame, frame.image, self.entry.output_height, frame.pts))
         if self._samples_sent is None:  # the audio clock starts where the video's does
             self._samples_sent = round(frame.pts * SAMPLE_RATE)
         self._push_audio(frame.audio)

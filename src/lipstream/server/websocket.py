@@ -11,20 +11,17 @@ import asyncio
 import json
 import logging
 
-import numpy as np
-import torch
 from fastapi import APIRouter, HTTPException, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.errors import SessionBusyError, SessionNotFoundError
-from lipstream.media.jpeg import encode_jpeg, encode_jpeg_cuda, nvjpeg_available
+from lipstream.media.encoding import EncodingPool, frame_jpeg
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import request_key
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import apply_client_message, output_image, output_tensor
+from lipstream.server.viewer import apply_client_message
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +51,6 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
                 await websocket.close(1000, "session closed")
             except RuntimeError:  # the client went at the same moment
                 pass
-
-
-def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int, encoder: str = "auto") -> bytes:
-    """A session frame (NumPy, or a tensor on its device) scaled to `height` and JPEG-encoded.
-    encoder: "opencv", "nvjpeg", or "auto" (nvJPEG for CUDA frames when available): with nvJPEG the
-    frame is scaled and encoded on its GPU and only the JPEG bytes come to the host."""
-    on_gpu = isinstance(image, torch.Tensor) and image.device.type == "cuda"
-    if on_gpu and (encoder == "nvjpeg" or (encoder == "auto" and nvjpeg_available())):
-        return encode_jpeg_cuda(output_tensor(image, height), quality)
-    return encode_jpeg(output_image(image, height), quality)
 
 
 async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPool, jpeg_quality: int,
