@@ -12,10 +12,11 @@ import weakref
 import numpy as np
 import pytest
 
+from lipstream.audio.buffer import PcmBuffer
 from lipstream.errors import LipstreamError, QueueFullError, SessionClosedError
 from lipstream.metrics import ACTIVE_SESSIONS
 from lipstream.stream.clock import MediaClock
-from lipstream.stream.pcm import PcmBuffer, to_pcm16
+from lipstream.stream.pcm import to_pcm16
 from lipstream.stream.scheduler import Scheduler
 from stream_helpers import (
     CYCLE,
@@ -88,6 +89,9 @@ def test_pcm_buffer_reads_by_absolute_position_and_releases():
     assert np.array_equal(buffer.read(data.size - 2, data.size + 3), [*data[-2:], 0, 0, 0])
     with pytest.raises(ValueError, match="released"):
         buffer.read(14999, 15001)
+    floats = PcmBuffer(np.float32)  # the feature streams hold float samples
+    floats.append(np.float32([0.25, -0.5]))
+    assert floats.read(1, 3).tolist() == [-0.5, 0.0]
     assert np.array_equal(to_pcm16(np.float32([0.5, -1.0, 1.0])), [16384, -32768, 32767])
     with pytest.raises(ValueError, match="int16 or float32"):
         to_pcm16(np.zeros((2, 3), np.int16))

@@ -63,7 +63,7 @@ def _start_placement_class():
         def _encode(self, first: int, last: int, end: int) -> tuple[int, torch.Tensor]:
             start = self._context_start(first, end)
             offset = start // STEP_SAMPLES
-            audio = self._audio[start - self._audio_start:end - self._audio_start]
+            audio = self._audio.read(start, end)
             return offset, self._run_encoder(audio)[:num_whisper_steps(end) - offset]
 
     return StartPlacement

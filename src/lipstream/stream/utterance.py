@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
+from lipstream.audio.buffer import PcmBuffer
 from lipstream.audio.load import SAMPLE_RATE, as_float_mono, rms_dbfs
-from lipstream.stream.pcm import PcmBuffer
 
 
 class Utterance:
