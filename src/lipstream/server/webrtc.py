@@ -33,6 +33,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from lipstream.audio.load import SAMPLE_RATE
+from lipstream.config import Settings
 from lipstream.errors import BadRequestError, SessionNotFoundError
 from lipstream.media.encoding import EncodingPool, video_frame
 from lipstream.metrics import SERVER_FRAMES_SENT
@@ -128,20 +129,87 @@ class SessionFeed:
             self._send(reply)
 
 
-def _log_failure(entry: OpenSession):
-    def done(task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("session %s: WebRTC feed failed", entry.id, exc_info=task.exception())
-    return done
-
-
 class Offer(BaseModel):
     sdp: str
     type: Literal["offer"]
 
 
-def _peer_connection(ice_servers: list[str]) -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in ice_servers]))
+class PeerViewer:
+    """A session's WebRTC viewer: its peer connection, the feed of its tracks and data channel, and
+    the watchdog that closes the session when the peer never connects. The session closes when the
+    peer fails or closes, and closing the session closes the peer (`entry.on_close`)."""
+
+    def __init__(self, entry: OpenSession, registry: SessionRegistry, encoding: EncodingPool, settings: Settings):
+        self.entry = entry
+        self.registry = registry
+        self.settings = settings
+        self.feed = SessionFeed(entry, encoding)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=url)
+                                                                 for url in settings.ice_servers]))
+        self._connected = asyncio.Event()
+        self._feed_task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+
+    async def answer(self, offer: Offer) -> RTCSessionDescription:
+        """The answer to `offer`: the session's video and audio, sent only. Raises BadRequestError
+        (the peer connection closed) for an offer it cannot answer."""
+        try:
+            video = self.pc.addTransceiver(self.feed.video, direction="sendonly")
+            if self.settings.video_codec != "auto":
+                mime = f"video/{self.settings.video_codec.upper()}"
+                video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                           if c.mimeType == mime])
+            self.pc.addTransceiver(self.feed.audio, direction="sendonly")
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, offer.type))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as exc:  # malformed SDP, no common codec, ...: the client can fix and retry
+            await self.pc.close()
+            raise BadRequestError(f"cannot answer this WebRTC offer: {exc or type(exc).__name__}") from exc
+        return self.pc.localDescription
+
+    def start(self) -> None:
+        """Follow the peer: its data channel, its connection state, and the connect timeout."""
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_state)
+        self._watchdog = asyncio.create_task(self._watch_connect())
+        self.entry.on_close.append(self.close)
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        self.feed.channel = channel
+        channel.on("message", self.feed.on_message)
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self._connected.set()
+            if self._feed_task is None and not self.entry.closed.is_set():  # frames only for a peer that gets them
+                self._feed_task = asyncio.create_task(self.feed.run())
+                self._feed_task.add_done_callback(self._log_failure)
+        elif state in ("failed", "closed"):
+            log.info("session %s: WebRTC %s; closing the session", self.entry.id, state)
+            await self.registry.close(self.entry)
+
+    async def _watch_connect(self) -> None:
+        timeout = self.settings.webrtc_connect_timeout_s
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            log.info("session %s: the WebRTC peer is still %s %g s after its answer; closing the session",
+                     self.entry.id, self.pc.connectionState, timeout)
+            await self.registry.close(self.entry)
+
+    async def close(self) -> None:
+        """Stop the feed and close the peer connection (run once, when the session closes)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # when it is the watchdog that closes the session, only its wait ends
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+            await asyncio.gather(self._feed_task, return_exceptions=True)
+        await self.pc.close()
+
+    def _log_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: WebRTC feed failed", self.entry.id, exc_info=task.exception())
 
 
 @router.post("/api/sessions/{session_id}/offer")
@@ -152,63 +220,14 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
     registry: SessionRegistry = state.sessions
     entry = registry.get(session_id, caller.tenant)
     registry.attach(entry, "webrtc")
-    feed = SessionFeed(entry, state.encoding)
-    pc = _peer_connection(state.settings.ice_servers)
+    viewer = PeerViewer(entry, registry, state.encoding, state.settings)
     try:
-        video = pc.addTransceiver(feed.video, direction="sendonly")
-        if state.settings.video_codec != "auto":
-            mime = f"video/{state.settings.video_codec.upper()}"
-            video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == mime])
-        pc.addTransceiver(feed.audio, direction="sendonly")
-        await pc.setRemoteDescription(RTCSessionDescription(body.sdp, body.type))
-        answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
-    except Exception as exc:  # malformed SDP, no common codec, ...: the client can fix and retry
-        await pc.close()
+        answer = await viewer.answer(body)
+    except BadRequestError:
         registry.detach(entry)
-        raise BadRequestError(f"cannot answer this WebRTC offer: {exc or type(exc).__name__}") from exc
+        raise
     if entry.closed.is_set():  # closed while the answer was made
-        await pc.close()
+        await viewer.pc.close()
         raise SessionNotFoundError(f"session {entry.id} was closed")
-
-    @pc.on("datachannel")
-    def on_datachannel(channel: RTCDataChannel) -> None:
-        feed.channel = channel
-        channel.on("message", feed.on_message)
-
-    connected = asyncio.Event()
-    feed_task: asyncio.Task | None = None
-
-    @pc.on("connectionstatechange")
-    async def on_state() -> None:
-        nonlocal feed_task
-        if pc.connectionState == "connected":
-            connected.set()
-            if feed_task is None and not entry.closed.is_set():  # frames only for a peer that gets them
-                feed_task = asyncio.create_task(feed.run())
-                feed_task.add_done_callback(_log_failure(entry))
-        elif pc.connectionState in ("failed", "closed"):
-            log.info("session %s: WebRTC %s; closing the session", entry.id, pc.connectionState)
-            await registry.close(entry)
-
-    timeout = state.settings.webrtc_connect_timeout_s
-
-    async def watch_connect() -> None:
-        try:
-            await asyncio.wait_for(connected.wait(), timeout)
-        except TimeoutError:
-            log.info("session %s: the WebRTC peer is still %s %g s after its answer; closing the session",
-                     entry.id, pc.connectionState, timeout)
-            await registry.close(entry)
-
-    watchdog = asyncio.create_task(watch_connect())  # referenced by close_peer, so kept until the session closes
-
-    async def close_peer() -> None:
-        watchdog.cancel()  # when it is the watchdog that closes the session, only its wait for the close ends
-        if feed_task is not None:
-            feed_task.cancel()
-            await asyncio.gather(feed_task, return_exceptions=True)
-        await pc.close()
-
-    entry.on_close.append(close_peer)
-    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+    viewer.start()
+    return {"sdp": answer.sdp, "type": answer.type}
