@@ -33,7 +33,7 @@ from lipstream.avatar.masks import (
     feather_kernel_size,
     restrict_and_feather,
 )
-from lipstream.avatar.prepare import prepare_avatar
+from lipstream.avatar.prepare import STAGES, prepare_avatar
 from lipstream.avatar.source import FaceSource, open_source
 from lipstream.avatar.store import AvatarCache, delete_avatar, import_avatar, list_avatars, load_avatar
 from lipstream.cli import main
@@ -286,9 +286,15 @@ def test_latents_with_musetalk_weights(tmp_path, grace_hopper_path):
 
     models = tmp_path / "models"
     write_tiny_musetalk(models)
+    reports = []
     avatar = prepare_avatar("grace", image=grace_hopper_path, root=tmp_path, models_root=models, device="cpu",
-                            progress=False)
+                            progress=lambda *report: reports.append(report))
     assert avatar.latents.shape == (2, 8, 32, 32) and avatar.latents.dtype == torch.float16
+    # the progress goes through every stage, in order, each to its end
+    assert list(dict.fromkeys(stage for stage, _, _ in reports)) == list(STAGES)
+    for stage in STAGES:
+        done, total = [(d, t) for s, d, t in reports if s == stage][-1]
+        assert total and done == total, (stage, done, total)
     vae = load_vae(models / "sd-vae", torch.device("cpu"), torch.float32)
     expected = avatar_latents(vae, avatar.crops[:1], generator=torch.Generator().manual_seed(0)).half()
     assert torch.equal(avatar.latents[0], expected[0]) and torch.equal(avatar.latents[1], expected[0])

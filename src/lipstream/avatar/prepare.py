@@ -12,15 +12,17 @@ with MediaPipe face-mesh landmarks instead of DWPose + BiSeNet, so no weights ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from lipstream.avatar import DEFAULT_MAX_SECONDS
 from lipstream.avatar.folder import THREADS, FolderWriter, write_material
 from lipstream.avatar.geometry import crop_box_for, crop_face, face_box, nearest_detected
 from lipstream.avatar.landmarks import FaceMesh
@@ -33,9 +35,10 @@ from lipstream.errors import AvatarExistsError, NoFaceError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SECONDS = 30.0  # a 30 s 720p cycle holds ~4 GB of frames in memory
 LATENT_BATCH = 16
-# progress(stage, done, total): stage "frames" or "latents"; total None when not known in advance
+# progress(stage, done, total), stage by stage in this order ("latents" only with the VAE); total is
+# None when not known in advance (a video's frame count may be)
+STAGES = ("frames", "faces", "latents", "saving")
 Progress = Callable[[str, int, int | None], None]
 LATENT_SEED = 0  # the VAE samples its posterior (as MuseTalk caches it): seeded, so re-preparing is reproducible
 
@@ -53,8 +56,10 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
       computes them when `vae` is given or the weights are under `models_root`.
     vae: a loaded AutoencoderKL (e.g. `engine.models.vae`); else it is loaded from `models_root`
       onto `device` (default cuda if available).
-    progress: True shows progress bars; a function is called as progress(stage, done, total) instead,
-      stage "frames" (total: the frame count, or None when unknown) then "latents" (total: frames).
+    progress: True shows a progress bar per stage; a function is called as progress(stage, done, total)
+      instead, through every stage of `STAGES` to the end: "frames" (decoding and landmarks; total:
+      the frame count, or None when unknown), "faces" (boxes, blend masks and crops), "latents"
+      (only with the VAE) and "saving" (the files written).
     Raises AvatarNameError, AvatarExistsError, AvatarSourceNotFoundError, AvatarSourceUnreadableError,
     AvatarSourceTooLongError, NoFaceError, MissingWeightsError."""
     name, tenant = clean_name(name), clean_tenant(tenant)
@@ -67,17 +72,45 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
     if source.fps and abs(source.fps - fps) > 0.5:
         log.warning("%s plays at %.3g fps; the avatar cycle plays its frames at %g fps (no resampling, as "
                     "MuseTalk)", source.path, source.fps, fps)
+    report = _Stages(name, progress)
     with staged_folder(dest, overwrite) as build, FolderWriter(build) as writer:
-        frames, points = _read_and_detect(source, writer, name, progress)
-        avatar = _assemble(name, tenant, frames, points, source, fps)
+        frames, points = _read_and_detect(source, writer, report)
+        avatar = _assemble(name, tenant, frames, points, source, fps, report)
         if vae is not None:
-            avatar.latents = _latents(vae, avatar.crops[: len(avatar) // 2], name, progress)
+            avatar.latents = _latents(vae, avatar.crops[: len(avatar) // 2], report)
         manifest = base_manifest(name, tenant, fps, _describe(source, len(avatar) // 2),
                                  avatar.meta["faceless_frames"])
-        avatar.meta = write_material(writer, avatar, musetalk_info(name, str(source.path)), manifest,
-                                     written_frames=len(avatar) // 2)
+        with report.stage("saving", None, "file") as advance:
+            avatar.meta = write_material(writer, avatar, musetalk_info(name, str(source.path)), manifest,
+                                         written_frames=len(avatar) // 2, progress=advance)
     avatar.path = dest
     return avatar
+
+
+class _Stages:
+    """Progress through `STAGES`: a tqdm bar per stage (progress=True), progress(stage, done, total)
+    calls (a function), or nothing (False)."""
+
+    def __init__(self, name: str, progress: bool | Progress):
+        self.name = name
+        self.progress = progress
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, total: int | None, unit: str) -> Iterator[Callable[..., None]]:
+        """Yields advance(done, total=None): `done` of the stage's `total` (or of a total found later)."""
+        bar = tqdm(total=total, desc=f"{self.name}: {stage}", unit=unit, disable=self.progress is not True)
+
+        def advance(done: int, now_total: int | None = None) -> None:
+            if now_total is not None and bar.total != now_total:
+                bar.total = now_total
+            bar.update(done - bar.n)
+            if callable(self.progress):
+                self.progress(stage, done, bar.total)
+
+        try:
+            yield advance
+        finally:
+            bar.close()
 
 
 def _vae(latents: bool | None, vae, models_root, device):
@@ -128,25 +161,24 @@ class _CycleFrames:
         return out
 
 
-def _read_and_detect(source: FaceSource, writer: FolderWriter, name: str,
-                     progress: bool | Progress) -> tuple[_CycleFrames, list[np.ndarray | None]]:
+def _read_and_detect(source: FaceSource, writer: FolderWriter,
+                     report: _Stages) -> tuple[_CycleFrames, list[np.ndarray | None]]:
     """Decode every frame, queue its PNG, find its landmarks. Returns (frames, landmarks or None each)."""
     frames, points = _CycleFrames(source.frame_count), []
     video = source.kind == "video"
-    with FaceMesh(static=not video, max_faces=1 if video else 4) as mesh:  # one tracked face: no re-detection
-        bar = tqdm(source.frames(), total=source.frame_count, desc=f"{name}: frames", unit="frame",
-                   disable=progress is not True)
-        for i, decoded in enumerate(bar):
+    with (FaceMesh(static=not video, max_faces=1 if video else 4) as mesh,  # one tracked face: no re-detection
+          report.stage("frames", source.frame_count, "frame") as advance):
+        for i, decoded in enumerate(source.frames()):
             frame = frames.append(decoded)
             writer.image(f"{FULL_IMGS}/{frame_file(i)}", frame)
             points.append(mesh.detect(frame))
-            if callable(progress):
-                progress("frames", i + 1, source.frame_count)
+            advance(i + 1)
+        advance(frames.count, frames.count)  # the container's estimate may have been off
     return frames, points
 
 
 def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.ndarray | None],
-              source: FaceSource, fps: float) -> Avatar:
+              source: FaceSource, fps: float, report: _Stages) -> Avatar:
     """Boxes, crops and masks of the N source frames, laid out as the 2N-frame cycle."""
     n = decoded.count
     frames = decoded.cycle()
@@ -160,11 +192,18 @@ def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.nda
         log.warning("%d of %d frames of %s show no face; they take the nearest face frame's box",
                     n - sum(has_face), n, source.path)
     owner = nearest_detected(has_face)
-    with ThreadPoolExecutor(THREADS) as pool:  # OpenCV releases the GIL
-        with_face = sorted(set(owner.tolist()))
-        masks = dict(zip(with_face, pool.map(lambda k: blend_mask(points[k], boxes[k], crop_box_for(boxes[k])),
-                                             with_face), strict=True))
-        crops = np.stack(list(pool.map(lambda k: crop_face(frames[k], boxes[owner[k]]), range(n))))
+    with_face = sorted(set(owner.tolist()))
+    with ThreadPoolExecutor(THREADS) as pool, report.stage("faces", len(with_face) + n, "frame") as advance:
+        masks = {}  # OpenCV releases the GIL: masks and crops on a few threads
+        for k, mask in zip(with_face, pool.map(lambda k: blend_mask(points[k], boxes[k], crop_box_for(boxes[k])),
+                                               with_face), strict=True):
+            masks[k] = mask
+            advance(len(masks))
+        crops = []
+        for crop in pool.map(lambda k: crop_face(frames[k], boxes[owner[k]]), range(n)):
+            crops.append(crop)
+            advance(len(masks) + len(crops))
+        crops = np.stack(crops)
     cycle = np.concatenate([np.arange(n), np.arange(n)[::-1]])
     cycle_owner = owner[cycle]
     face_boxes = np.int32([boxes[k] for k in cycle_owner])
@@ -177,18 +216,17 @@ def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.nda
                   fps=float(fps), meta={"faceless_frames": faceless})
 
 
-def _latents(vae, crops: np.ndarray, name: str, progress: bool | Progress) -> torch.Tensor:
+def _latents(vae, crops: np.ndarray, report: _Stages) -> torch.Tensor:
     """[N, 8, 32, 32] of the N source crops -> the 2N cycle, fp16 on the CPU (MuseTalk's latents.pt)."""
     from lipstream.models.latents import avatar_latents
 
     generator = torch.Generator(vae.device).manual_seed(LATENT_SEED)
     out = []
-    for start in tqdm(range(0, len(crops), LATENT_BATCH), desc=f"{name}: latents", unit="batch",
-                      disable=progress is not True):
-        out.append(avatar_latents(vae, crops[start:start + LATENT_BATCH], generator=generator,
-                                  batch_size=LATENT_BATCH).to("cpu", torch.float16))
-        if callable(progress):
-            progress("latents", min(start + LATENT_BATCH, len(crops)), len(crops))
+    with report.stage("latents", len(crops), "frame") as advance:
+        for start in range(0, len(crops), LATENT_BATCH):
+            out.append(avatar_latents(vae, crops[start:start + LATENT_BATCH], generator=generator,
+                                      batch_size=LATENT_BATCH).to("cpu", torch.float16))
+            advance(min(start + LATENT_BATCH, len(crops)))
     latents = torch.cat(out)
     return torch.cat([latents, latents.flip(0)])
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_MS = 20
 
@@ -52,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _start_placement_class():
     """StreamingFeatures with the context moved to the start of the 30 s input (the alternative)."""
+
     from lipstream.audio.features import STEP_SAMPLES, num_whisper_steps
     from lipstream.audio.streaming import StreamingFeatures
 
@@ -74,6 +78,8 @@ def _stream(streamer, audio: np.ndarray, lead: int,
     """Push audio[:lead] at once, the rest in 20 ms chunks, then flush. Returns (features of the
     frames emitted after the lead-in [F, 50, D], the first of those frames, their delay ms from the
     frame's end to the audio position at which they came out, encoder pass seconds)."""
+    import torch
+
     chunk = 16000 * CHUNK_MS // 1000
     if lead:
         streamer.push(audio[:lead])
@@ -102,6 +108,8 @@ def _rel_l2(streamed: torch.Tensor, offline: torch.Tensor) -> tuple[float, float
 
 def _face_difference(engine, streamed: torch.Tensor, offline: torch.Tensor, seed: int) -> dict:
     """Faces from streamed vs offline features [N, 50, 384] with the same latents (random crops)."""
+    import torch
+
     rng = np.random.default_rng(seed)
     crops = rng.integers(0, 256, (streamed.shape[0], 256, 256, 3), dtype=np.uint8)
     latents = engine.avatar_latents(crops, generator=torch.Generator(engine.device).manual_seed(seed))
@@ -111,6 +119,7 @@ def _face_difference(engine, streamed: torch.Tensor, offline: torch.Tensor, seed
 
 
 def _load_models(args: argparse.Namespace):
+    import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 

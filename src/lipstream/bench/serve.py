@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipstream.bench.postprocess import FRAME_SIZES
+from lipstream.bench import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
 from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import LipstreamError

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipstream.bench.postprocess import FRAME_SIZES
+from lipstream.bench import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
 
 TARGET_FPS = 25.0

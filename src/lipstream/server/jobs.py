@@ -15,17 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lipstream.avatar.layout import avatar_dir, clean_name
-from lipstream.avatar.prepare import prepare_avatar
+from lipstream.avatar.prepare import STAGES, prepare_avatar
 from lipstream.errors import AvatarExistsError, JobNotFoundError, LipstreamError
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED_S = 3600.0  # finished jobs stay visible this long
+STAGE_SHARE = {"frames": 0.6, "faces": 0.1, "latents": 0.2, "saving": 0.1}  # of a job's progress (no latents: skipped)
 
 
 @dataclass
 class Job:
-    """status: "queued", "running", "done" or "failed". progress: 0..1 (frames read, then latents).
+    """status: "queued", "running", "done" or "failed". progress: 0..1 through every stage of the
+    preparation; stage: the one running ("frames", "faces", "latents", "saving"; see `prepare.STAGES`).
     error: the reason of a failed job, written for the user."""
 
     id: str
@@ -104,9 +106,8 @@ class AvatarJobs:
 
         def progress(stage: str, done: int, total: int | None) -> None:
             job.stage = stage
-            if total:  # frames: the first 90%, latents: the rest
-                job.progress = min(1.0, (0.0 if stage == "frames" else 0.9) +
-                                   (0.9 if stage == "frames" else 0.1) * done / total)
+            before = sum(STAGE_SHARE[s] for s in STAGES[:STAGES.index(stage)])
+            job.progress = min(1.0, before + STAGE_SHARE[stage] * (done / total if total else 0.0))
 
         try:
             media = {"video": source} if job.kind == "video" else {"image": source}
