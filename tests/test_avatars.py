@@ -420,7 +420,7 @@ def test_input_errors_name_the_file(tmp_path, video_path):
     with pytest.raises(AvatarSourceTooLongError, match="longer than 1 s"):
         prepare_avatar("x", video=video_path, max_seconds=1, root=tmp_path, latents=False, progress=False)
     # a container that does not say how long it is: refused while decoding
-    unknown_length = FaceSource(video_path, "video", None, 25.0, max_seconds=1.0)
+    unknown_length = FaceSource(video_path, "video", None, 25.0, max_seconds=1.0, label=str(video_path))
     with pytest.raises(AvatarSourceTooLongError):
         list(unknown_length.frames())
     assert _leftovers(tmp_path) == []

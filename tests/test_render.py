@@ -209,3 +209,40 @@ def test_cli_rejects_an_unsupported_output_before_rendering(tmp_path, avatars_ro
                models_root=models_root) == 1
     assert "ending in .mp4" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_output_carries_the_inputs_own_audio_rate_and_channels(tmp_path, avatars_root, models_root, speech):
+    """A 48 kHz stereo MP3 in: the MP4 has 48 kHz stereo AAC at 192 kb/s, close to the input; a WAV in: the
+    folder's audio.wav holds its exact samples, rate and channels."""
+    t = np.arange(round(speech.size * 3)) / 48000
+    left = np.interp(t, np.arange(speech.size) / SR, speech)
+    stereo = np.stack([left, 0.2 * np.sin(2 * np.pi * 440 * t)], axis=1).astype(np.float32)  # [n, 2]
+    mp3 = tmp_path / "stereo.mp3"
+    soundfile.write(mp3, stereo, 48000, format="MP3")
+    out = tmp_path / "clip.mp4"
+    assert cli("studio", mp3, "-o", out, avatars_root=avatars_root, models_root=models_root) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.audio[0]
+        assert (stream.codec_context.name, stream.rate, stream.channels) == ("aac", 48000, 2)
+        assert stream.bit_rate >= 150_000
+        decoded = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)  # [2, n]
+    right = decoded[1, 4096:4096 + 48000]
+    tone = 0.2 * np.sin(2 * np.pi * 440 * np.arange(right.size) / 48000)
+    lag = max(range(48), key=lambda d: np.dot(right[d:d + 40000], tone[:40000]))  # the encoder's delay
+    assert np.corrcoef(right[lag:lag + 40000], tone[:40000])[0, 1] > 0.99, "the right channel is its own"
+    wav = tmp_path / "stereo.wav"
+    soundfile.write(wav, stereo, 48000, subtype="FLOAT")
+    assert cli("studio", wav, "-o", tmp_path / "frames", avatars_root=avatars_root,
+               models_root=models_root) == 0
+    samples, rate = soundfile.read(tmp_path / "frames" / "audio.wav", dtype="float32")
+    assert rate == 48000 and np.array_equal(samples, stereo)
+
+
+@pytest.mark.parametrize("output", ["missing/dir/out.mp4", "missing/dir/frames/"])
+def test_cli_a_missing_output_folder_is_an_error_and_no_folder_is_made(tmp_path, avatars_root, models_root,
+                                                                      speech_wav, capsys, output):
+    assert cli("studio", speech_wav, "-o", f"{tmp_path}/{output}", avatars_root=avatars_root,
+               models_root=models_root) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist; create it first" in err
+    assert not (tmp_path / "missing").exists()

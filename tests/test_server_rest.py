@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from lipstream.avatar.store import list_avatars
 from lipstream.cli import main
 from lipstream.config import load_settings
 from lipstream.engines.warp import WarpEngine
@@ -189,6 +190,9 @@ def test_avatar_upload_runs_as_a_job_and_the_avatar_becomes_usable(client):
     assert job["status"] == "done" and job["progress"] == 1.0, job
     names = [a["name"] for a in client.get("/api/avatars", headers=OTHER).json()["avatars"]]
     assert "uploaded" in names
+    # `lipstream avatars list` names the uploaded file, not where the server kept it meanwhile
+    listed = list_avatars("other", client.app.state.settings.avatars_root)
+    assert [a.source for a in listed if a.name == "uploaded"] == ["image: me.png"]
     new_session(client, headers=OTHER, avatar="uploaded")
     again = client.post("/api/avatars", headers=OTHER, data={"name": "uploaded"},
                         files={"file": ("me.png", photo.tobytes(), "image/png")})

@@ -47,7 +47,8 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
                    tenant: str | None = None, root: str | os.PathLike | None = None, fps: float = 25.0,
                    max_seconds: float | None = DEFAULT_MAX_SECONDS, overwrite: bool = False,
                    latents: bool | None = None, vae=None, models_root: str | os.PathLike | None = None,
-                   device: torch.device | str | None = None, progress: bool | Progress = True) -> Avatar:
+                   device: torch.device | str | None = None, progress: bool | Progress = True,
+                   source_name: str | None = None) -> Avatar:
     """Prepare avatar `name` from exactly one of `video` and `image`, store it and return it.
 
     fps: the rate the cycle plays at (the video's own rate is not used, as in MuseTalk).
@@ -60,10 +61,12 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
       instead, through every stage of `STAGES` to the end: "frames" (decoding and landmarks; total:
       the frame count, or None when unknown), "faces" (boxes, blend masks and crops), "latents"
       (only with the VAE) and "saving" (the files written).
+    source_name: how the avatar's manifest (`avatars list`) and error messages name the video or photo
+      (default: its path; an upload's own file name, not where the server stored it).
     Raises AvatarNameError, AvatarExistsError, AvatarSourceNotFoundError, AvatarSourceUnreadableError,
     AvatarSourceTooLongError, NoFaceError, MissingWeightsError."""
     name, tenant = clean_name(name), clean_tenant(tenant)
-    source = open_source(video=video, image=image, max_seconds=max_seconds)
+    source = open_source(video=video, image=image, max_seconds=max_seconds, label=source_name)
     dest = avatar_dir(name, tenant, root)
     if dest.exists() and not overwrite:
         raise AvatarExistsError(f"avatar {name!r} exists already ({dest}); choose another name, "
@@ -71,7 +74,7 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
     vae = _vae(latents, vae, models_root, device)
     if source.fps and abs(source.fps - fps) > 0.5:
         log.warning("%s plays at %.3g fps; the avatar cycle plays its frames at %g fps (no resampling, as "
-                    "MuseTalk)", source.path, source.fps, fps)
+                    "MuseTalk)", source.label, source.fps, fps)
     report = _Stages(name, progress)
     with staged_folder(dest, overwrite) as build, FolderWriter(build) as writer:
         frames, points = _read_and_detect(source, writer, report)
@@ -81,7 +84,7 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
         manifest = base_manifest(name, tenant, fps, _describe(source, len(avatar) // 2),
                                  avatar.meta["faceless_frames"])
         with report.stage("saving", None, "file") as advance:
-            avatar.meta = write_material(writer, avatar, musetalk_info(name, str(source.path)), manifest,
+            avatar.meta = write_material(writer, avatar, musetalk_info(name, source.label), manifest,
                                          written_frames=len(avatar) // 2, progress=advance)
     avatar.path = dest
     return avatar
@@ -186,11 +189,11 @@ def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.nda
     has_face = [b is not None for b in boxes]
     if not any(has_face):
         what = "the photo" if source.kind == "image" else f"any of the {n} frames of the video"
-        raise NoFaceError(f"no face found in {what} {source.path}; use a video or photo that shows one face, "
+        raise NoFaceError(f"no face found in {what} {source.label}; use a video or photo that shows one face, "
                           "frontal, not too small")
     if not all(has_face):
         log.warning("%d of %d frames of %s show no face; they take the nearest face frame's box",
-                    n - sum(has_face), n, source.path)
+                    n - sum(has_face), n, source.label)
     owner = nearest_detected(has_face)
     with_face = sorted(set(owner.tolist()))
     with ThreadPoolExecutor(THREADS) as pool, report.stage("faces", len(with_face) + n, "frame") as advance:
@@ -232,4 +235,4 @@ def _latents(vae, crops: np.ndarray, report: _Stages) -> torch.Tensor:
 
 
 def _describe(source: FaceSource, frames: int) -> dict:
-    return {"kind": source.kind, "path": str(source.path), "frames": frames, "fps": source.fps}
+    return {"kind": source.kind, "path": source.label, "frames": frames, "fps": source.fps}

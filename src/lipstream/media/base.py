@@ -20,12 +20,13 @@ Frames = np.ndarray | torch.Tensor
 
 
 def as_audio(audio: np.ndarray | None) -> np.ndarray | None:
-    """Check an output's audio: float32 [N] in [-1, 1] or int16 [N], mono. Returns it contiguous."""
+    """Check an output's audio: float32 in [-1, 1] or int16, [N] (mono) or [channels, N]. Returns it
+    contiguous, always [channels, N]."""
     if audio is None:
         return None
-    if audio.ndim != 1 or audio.dtype not in (np.float32, np.int16):
-        raise ValueError(f"audio must be float32 or int16 [N] mono, got {audio.dtype} {audio.shape}")
-    return np.ascontiguousarray(audio)
+    if audio.ndim not in (1, 2) or audio.dtype not in (np.float32, np.int16) or audio.shape[0] == 0:
+        raise ValueError(f"audio must be float32 or int16 [N] or [channels, N], got {audio.dtype} {audio.shape}")
+    return np.ascontiguousarray(audio if audio.ndim == 2 else audio[None])
 
 
 def as_fps(fps: float | Fraction) -> Fraction:
@@ -40,7 +41,8 @@ class VideoOutput(ABC):
     """Frames in, one finished file or folder out (see the module doc).
 
     path: the final output. fps: frames per second. frame_size: (height, width) of every frame.
-    audio: float32 [N] in [-1, 1] or int16 [N] mono at `sample_rate`, or None; written whole.
+    audio: float32 in [-1, 1] or int16, [N] (mono) or [channels, N], at `sample_rate`, or None; written
+    whole, as it is (its rate and channels). Held as [channels, N] (`as_audio`).
     `frames_written` counts the frames so far."""
 
     def __init__(self, path: str | os.PathLike, fps: float | Fraction, frame_size: tuple[int, int],

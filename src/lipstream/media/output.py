@@ -29,20 +29,23 @@ MP4_SUFFIX = ".mp4"
 
 def open_output(path: str | os.PathLike, fps: float | Fraction, frame_size: tuple[int, int],
                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE) -> VideoOutput:
-    """The writer `output_kind(path)` chooses, writing to a temporary name next to `path`
-    (missing parent folders are made). Raises OutputPathError when `path` cannot be an output."""
-    kind = output_kind(path)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return kind(target, fps, frame_size, audio, sample_rate)
+    """The writer `output_kind(path)` chooses, writing to a temporary name next to `path`. Raises
+    OutputPathError when `path` cannot be an output (its folder must exist: no folder is made)."""
+    return output_kind(path)(Path(path), fps, frame_size, audio, sample_rate)
 
 
 def output_kind(path: str | os.PathLike) -> type[VideoOutput]:
     """Mp4Output when `path` ends in .mp4; FolderOutput (PNG frames + audio.wav) when it is a folder:
     an existing one, a name without a suffix, or a name ending in "/". Checks the destination, so that
-    a render can fail before any frame is made: raises OutputPathError with the fix."""
+    a render can fail before any frame is made: raises OutputPathError with the fix (also when the
+    folder it goes into does not exist: outputs never make folders on their own)."""
     text = os.fspath(path)
     target = Path(text)
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputPathError(f"cannot write {text}: the folder {target.parent} {what}; create it first, "
+                              "or give an output in an existing folder")
     if target.suffix.lower() == MP4_SUFFIX and not target.is_dir():
         return Mp4Output
     if not (target.is_dir() or not target.suffix or text.endswith(("/", os.sep))):

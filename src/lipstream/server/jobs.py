@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lipstream.avatar.layout import avatar_dir, clean_name
 from lipstream.avatar.prepare import STAGES, prepare_avatar
-from lipstream.errors import AvatarExistsError, JobNotFoundError, LipstreamError
+from lipstream.errors import AvatarExistsError, JobNotFoundError, LipstreamError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,18 @@ class AvatarJobs:
                                     "overwrite=true to replace it")
         return name
 
-    def submit(self, tenant: str, name: str, source: Path, kind: str, *, fps: float, overwrite: bool) -> Job:
+    def submit(self, tenant: str, name: str, source: Path, kind: str, *, fps: float, overwrite: bool,
+               source_name: str = "upload") -> Job:
         """Queue preparing avatar `name` from the file `source` (a "video" or a "photo"); the file is
-        deleted when the job ends. Raises what `check_name` raises, at once."""
+        deleted when the job ends. source_name: the file's own name, as the avatar's manifest and the
+        job's errors give it (shortened). Raises what `check_name` raises, at once."""
         with self._lock:
             name = self.check_name(tenant, name, overwrite=overwrite)
             job = Job(uuid.uuid4().hex[:16], tenant, name, kind)
             self._prune()
             self._jobs[job.id] = job
             self._pending.add((tenant, name))
-        self._executor.submit(self._run, job, source, fps, overwrite)
+        self._executor.submit(self._run, job, source, shorten(Path(source_name).name, 100), fps, overwrite)
         return job
 
     def get(self, job_id: str, tenant: str) -> Job:
@@ -101,7 +103,7 @@ class AvatarJobs:
         for job_id in [j.id for j in self._jobs.values() if j.finished and now - j.finished > KEEP_FINISHED_S]:
             del self._jobs[job_id]
 
-    def _run(self, job: Job, source: Path, fps: float, overwrite: bool) -> None:
+    def _run(self, job: Job, source: Path, source_name: str, fps: float, overwrite: bool) -> None:
         job.status = "running"
 
         def progress(stage: str, done: int, total: int | None) -> None:
@@ -112,7 +114,8 @@ class AvatarJobs:
         try:
             media = {"video": source} if job.kind == "video" else {"image": source}
             prepare_avatar(job.avatar, **media, tenant=job.tenant, root=self.root, fps=fps, overwrite=overwrite,
-                           models_root=self.models_root, device=self.device, progress=progress)
+                           models_root=self.models_root, device=self.device, progress=progress,
+                           source_name=source_name)
             job.status, job.progress = "done", 1.0
         except LipstreamError as exc:
             job.status, job.error = "failed", str(exc)

@@ -103,7 +103,7 @@ async def create_avatar(request: Request, caller: CallerDep, file: Annotated[Upl
     path = jobs.upload_path(filename)
     await asyncio.to_thread(_save_upload, file, path)
     try:
-        job = jobs.submit(caller.tenant, name, path, kind, fps=fps, overwrite=overwrite)
+        job = jobs.submit(caller.tenant, name, path, kind, fps=fps, overwrite=overwrite, source_name=filename)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lipstream.audio.features import check_fps, num_video_frames
-from lipstream.audio.load import SAMPLE_RATE
+from lipstream.audio.load import SAMPLE_RATE, AudioClip
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, take
 from lipstream.errors import AudioTooShortError
@@ -82,16 +82,19 @@ def render_frames(avatar: Avatar, engine: Engine, audio: np.ndarray, *, fps: int
 
 
 def render(avatar: Avatar, engine: Engine, audio: np.ndarray, output: str | os.PathLike, *, fps: int = 25,
-           batch_size: int | None = None, progress: bool = True) -> RenderResult:
+           batch_size: int | None = None, progress: bool = True, soundtrack: AudioClip | None = None) -> RenderResult:
     """Render `audio` (float32 [N] 16 kHz mono) spoken by `avatar` to `output`: an .mp4 (H.264 + AAC)
     or a folder (PNG frames + audio.wav), see `lipstream.media.open_output`.
 
     batch_size: frames per engine call (default: `default_batch_size(engine.device)`).
-    progress: a progress bar on stderr. On any error nothing is left at `output`."""
+    progress: a progress bar on stderr. soundtrack: the sound the output carries, the input as it was
+    given (`load_clip`; its rate and channels; `audio` is then `soundtrack.mono_16k()`); default `audio`.
+    On any error nothing is left at `output`."""
     total = check_render_audio(audio, fps)
     batch_size = default_batch_size(engine.device) if batch_size is None else batch_size
+    sound, rate = (audio, SAMPLE_RATE) if soundtrack is None else (soundtrack.samples, soundtrack.rate)
     start = time.perf_counter()
-    with (open_output(output, fps, avatar.frame_size, audio, SAMPLE_RATE) as out,
+    with (open_output(output, fps, avatar.frame_size, sound, rate) as out,
           OutputThread(out, depth=2) as writer,
           tqdm(total=total, unit="frame", file=sys.stderr, disable=not progress, desc="render") as bar):
         for frames in render_frames(avatar, engine, audio, fps=fps, batch_size=batch_size):

@@ -34,13 +34,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the cheap inputs first (audio, output path, avatar), then load the engine and render."""
-    from lipstream.audio.load import load_audio, rms_dbfs
+    from lipstream.audio.load import load_clip, rms_dbfs
     from lipstream.avatar.store import load_avatar
     from lipstream.engines.select import load_engine
     from lipstream.media.output import output_kind
     from lipstream.stream.render import check_render_audio, render
 
-    audio = load_audio(args.audio)
+    clip = load_clip(args.audio)  # the output carries it as it is; the engine hears it at 16 kHz mono
+    audio = clip.mono_16k()
     check_render_audio(audio, args.fps)
     if rms_dbfs(audio) == -math.inf:
         print(f"note: {args.audio} is digital silence; the video shows the avatar with a closed mouth",
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     avatar = load_avatar(args.avatar, tenant=args.tenant, root=args.avatars)
     engine, reason = load_engine(args.engine, models_root=args.models, device=args.device)
     print(reason, flush=True)
-    result = render(avatar, engine, audio, args.output, fps=args.fps, batch_size=args.batch_size)
+    result = render(avatar, engine, audio, args.output, fps=args.fps, batch_size=args.batch_size, soundtrack=clip)
     print(f"wrote {result.path}: {result.frames} frames ({result.frames / args.fps:.2f} s at {args.fps} fps) "
           f"in {result.seconds:.1f} s ({result.frames_per_second:.1f} frames/s)")
     return 0
