@@ -230,10 +230,12 @@ def test_page_url_reaches_a_local_browser():
 
 
 def test_the_engine_named_in_the_settings_loads_in_the_background(avatars_root):
-    client = start(create_app(server_settings(avatars_root, engine="warp")))
+    client = start(create_app(server_settings(avatars_root, engine="warp", sharpen="false")))
     try:
         body = client.get("/ready", headers=DEFAULT).json()
         assert body["engine"] == "warp" and "asked for" in body["reason"]
+        sid = new_session(client)["id"]  # the setting sharpen reaches the sessions' compositor
+        assert client.app.state.sessions.get(sid, "").session.compositor.sharpen is False
     finally:
         client.__exit__(None, None, None)
 

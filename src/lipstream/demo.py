@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lipstream.errors import TextToSpeechError
-from lipstream.stream.render_cli import add_engine_arguments
+from lipstream.stream.render_cli import add_engine_arguments, add_sharpen_argument
 
 if TYPE_CHECKING:
     from lipstream.audio.load import AudioClip
@@ -97,6 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="then run the server with the sample avatar and print its URL")
     parser.add_argument("--port", type=int, help="the server's port with --serve (default 2160)")
     add_engine_arguments(parser)
+    add_sharpen_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
           f"from {PHOTO_CREDIT}", flush=True)
     engine, reason = load_engine(args.engine, models_root=args.models, device=args.device)
     print(reason, flush=True)
-    result = render(avatar, engine, audio, args.output, fps=25, soundtrack=clip)
+    result = render(avatar, engine, audio, args.output, fps=25, soundtrack=clip, sharpen=args.sharpen)
     print(f"wrote {result.path}: {result.frames} frames ({result.frames / 25:.2f} s) in {result.seconds:.1f} s",
           flush=True)
     if args.serve:
@@ -133,6 +134,7 @@ def serve(args: argparse.Namespace) -> int:
     from lipstream.server.serve import run_server
 
     settings = load_settings(flags={"port": args.port, "engine": args.engine, "device": args.device,
-                                    "avatars_root": args.avatars, "models_root": args.models})
+                                    "avatars_root": args.avatars, "models_root": args.models,
+                                    "sharpen": args.sharpen})
     print(f"serving: pick the avatar {SAMPLE_AVATAR!r} on the page below", flush=True)
     return run_server(settings)

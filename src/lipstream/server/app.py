@@ -65,7 +65,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     app.state.settings = settings
     app.state.keys = keys or ApiKeys(settings.api_keys)
     app.state.engines = EngineHub(settings, engine, engine_reason)
-    app.state.avatars = AvatarLibrary(settings.avatars_root)
+    app.state.avatars = AvatarLibrary(settings.avatars_root, sharpen=settings.sharpen)
     app.state.encoding = EncodingPool()
     app.state.sessions = SessionRegistry(settings.max_sessions_per_key, settings.detached_session_timeout_s)
     app.state.jobs = AvatarJobs(settings.avatars_root, settings.models_root,

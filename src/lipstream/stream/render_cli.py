@@ -20,6 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="frames per engine call (default 16 on a GPU, 4 on a CPU)")
     parser.add_argument("--tenant", help="the avatar's tenant (default: the default tenant)")
     add_engine_arguments(parser)
+    add_sharpen_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -30,6 +31,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="the engine's device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
     parser.add_argument("--avatars", metavar="DIR", help="avatars root (default: env LIPSTREAM_AVATARS or ./results)")
     parser.add_argument("--models", metavar="DIR", help="models root (default: env LIPSTREAM_MODELS or ./models)")
+
+
+def add_sharpen_argument(parser: argparse.ArgumentParser) -> None:
+    """--sharpen / --no-sharpen (the setting `sharpen`)."""
+    parser.add_argument("--sharpen", action=argparse.BooleanOptionalAction, default=True,
+                        help="unsharp mask on the generated face, this system's addition (default on); "
+                             "--no-sharpen: MuseTalk's own composition")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     avatar = load_avatar(args.avatar, tenant=args.tenant, root=args.avatars)
     engine, reason = load_engine(args.engine, models_root=args.models, device=args.device)
     print(reason, flush=True)
-    result = render(avatar, engine, audio, args.output, fps=args.fps, batch_size=args.batch_size, soundtrack=clip)
+    result = render(avatar, engine, audio, args.output, fps=args.fps, batch_size=args.batch_size, soundtrack=clip,
+                    sharpen=args.sharpen)
     print(f"wrote {result.path}: {result.frames} frames ({result.frames / args.fps:.2f} s at {args.fps} fps) "
           f"in {result.seconds:.1f} s ({result.frames_per_second:.1f} frames/s)")
     return 0

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from lipstream.audio.features import check_fps
+from lipstream.audio.gate import DEFAULT_HANGOVER_FRAMES, DEFAULT_SILENCE_DBFS
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, Material, take
@@ -90,7 +91,7 @@ class Session:
     sessions of an avatar; made here on the engine's device when None). clock: a MediaClock at `fps`
     (tests inject one with a fake `now`). max_queue_s: most unplayed speech held; more raises
     QueueFullError. material: `engine.material(avatar)` (share it; computed here when None).
-    silence_dbfs / hangover_frames: the energy gate. ahead_s: how far ahead of the clock frames are
+    silence_dbfs / hangover_frames: the energy gate (`audio.gate`). ahead_s: how far ahead of the clock frames are
     handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
     real time instead of catching up. auto_end_ms: an open utterance whose speech has run out ends by
     itself after this long without audio (None: only end_speech() ends it).
@@ -99,7 +100,8 @@ class Session:
 
     def __init__(self, avatar: Avatar, engine: Engine, scheduler: Scheduler, *, fps: int = 25,
                  compositor: Compositor | None = None, clock: MediaClock | None = None, max_queue_s: float = 30.0,
-                 material: Material | None = None, silence_dbfs: float = -45.0, hangover_frames: int = 2,
+                 material: Material | None = None, silence_dbfs: float = DEFAULT_SILENCE_DBFS,
+                 hangover_frames: int = DEFAULT_HANGOVER_FRAMES,
                  ahead_s: float = 0.5, max_lag_s: float = 0.5, auto_end_ms: float | None = 600.0):
         self.fps = check_fps(fps)
         self.clock = clock or MediaClock(fps)
