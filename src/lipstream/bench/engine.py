@@ -119,7 +119,7 @@ def _measure(engine, latents: torch.Tensor, audio: torch.Tensor, compiled: bool,
             audio_pe = models.positional_encoding(audio)
             pred = models.unet(latents, engine.timestep, audio_pe, return_dict=False)[0]
             row["unet_ms"] = median_ms(lambda: models.unet(latents, engine.timestep, audio_pe), reps, 0, device=device)
-            row["vae_decode_ms"] = median_ms(lambda: models.vae.decode(pred / models.scaling_factor), reps, 0,
+            row["vae_decode_ms"] = median_ms(lambda: models.vae.decode(pred * (1 / models.scaling_factor)), reps, 0,
                                              device=device)
     return row
 
