@@ -3,7 +3,9 @@ limits and errors, avatar upload jobs, and the static page."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -217,6 +219,36 @@ def test_a_failed_job_says_why(client):
     assert bad_name.status_code == 400 and "not allowed" in bad_name.json()["detail"]
 
 
+def test_errors_show_no_server_path_and_only_a_short_prefix_of_bad_input(client, avatars_root, tmp_path):
+    server_paths = (str(avatars_root), str(avatars_root.resolve()), str(client.app.state.jobs.uploads),
+                    str(Path(tempfile.gettempdir())))
+    long_name = "x" * 100_000
+    replies = [
+        client.post("/api/avatars", headers=DEFAULT, data={"name": long_name},
+                    files={"file": ("a.png", b"x", "image/png")}),
+        client.post("/api/sessions", json={"avatar": long_name}, headers=DEFAULT),
+        client.get(f"/api/sessions/{'s' * 5000}/stats", headers=DEFAULT),
+        client.get(f"/api/jobs/{'j' * 5000}", headers=DEFAULT),
+        client.post("/api/sessions", json={"avatar": "nobody"}, headers=OTHER),  # its folder is a server path
+        client.delete("/api/avatars/nobody", headers=DEFAULT),
+    ]
+    for reply in replies:
+        detail = reply.json()["detail"]
+        assert 400 <= reply.status_code < 500 and len(detail) < 400, (reply.status_code, detail[:500])
+        assert not any(path in detail for path in server_paths), detail
+    sid = new_session(client)["id"]
+    upload = client.post(f"/api/sessions/{sid}/audio", headers=DEFAULT,
+                         files={"file": ("y" * 900 + ".wav", b"not audio", "audio/wav")})
+    assert upload.status_code == 400 and len(upload.json()["detail"]) < 400
+    job = client.post("/api/avatars", headers=DEFAULT, data={"name": "broken"},
+                      files={"file": ("z" * 900 + ".png", b"not a picture", "image/png")}).json()["job"]
+    while job["status"] not in ("done", "failed"):
+        time.sleep(0.1)
+        job = client.get(f"/api/jobs/{job['id']}", headers=DEFAULT).json()
+    assert job["status"] == "failed" and "cannot read image zzz" in job["error"] and len(job["error"]) < 400
+    assert not any(path in job["error"] for path in server_paths), job["error"]
+
+
 def test_serve_without_the_weights_of_the_engine_asked_for_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LIPSTREAM_CONFIG", raising=False)
     assert main(["serve", "--engine", "musetalk", "--models-root", str(tmp_path)]) == 1
@@ -250,6 +282,8 @@ def test_an_engine_that_cannot_load_leaves_health_up_and_ready_saying_why(avatar
         assert client.get("/health").status_code == 200
         refused = client.post("/api/sessions", json={"avatar": "astronaut"}, headers=DEFAULT)
         assert refused.status_code == 503 and refused.json()["error"] == "NotReadyError"
+        for text in (reply.text, refused.text):  # why, without the server's paths
+            assert "<models>" in text and str(avatars_root) not in text, text
 
 
 def test_audio_files_are_recognised_and_a_long_file_fits_an_empty_queue(client):
@@ -283,6 +317,6 @@ def test_an_avatar_name_being_prepared_is_refused_before_the_upload_is_stored(cl
         reply = client.post("/api/avatars", headers=OTHER, data={"name": "busy"},
                             files={"file": ("me.png", b"\x89PNG not stored", "image/png")})
         assert reply.status_code == 409 and "being prepared" in reply.json()["detail"]
-        assert not any(jobs._uploads.iterdir()), "the upload was not stored"
+        assert not any(jobs.uploads.iterdir()), "the upload was not stored"
     finally:
         jobs._pending.discard(("other", "busy"))

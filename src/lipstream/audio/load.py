@@ -28,6 +28,7 @@ from lipstream.errors import (
     AudioTooLongError,
     EmptyAudioError,
     NoAudioStreamError,
+    shorten,
 )
 
 SAMPLE_RATE = 16000  # the rate of all audio inside lipstream (MuseTalk's, whisper's)
@@ -67,7 +68,7 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None,
 def load_clip(source: AudioSource, *, max_seconds: float | None = None, name: str | None = None) -> AudioClip:
     """`load_audio`'s input as it is: its first audio stream's channels at its own rate (the rate and
     channel layout of its first frame). Same arguments and errors as `load_audio`."""
-    label = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
+    label = shorten(name, 80) if name else (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
     if isinstance(source, bytes):
         if not source:
             raise EmptyAudioError(f"audio {label} is empty (0 bytes); send a non-empty audio file")

@@ -27,6 +27,7 @@ from lipstream.server.auth import ApiKeys
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.body_limit import BodyLimitMiddleware
 from lipstream.server.engines import EngineHub
+from lipstream.server.http_errors import public_text
 from lipstream.server.jobs import AvatarJobs
 from lipstream.server.registry import SessionRegistry
 
@@ -101,7 +102,7 @@ async def _load(app: FastAPI) -> None:
         state.ready.set()
     except Exception as exc:  # reported by /ready; /health stays up for diagnosis
         log.exception("the server could not load its engine")
-        state.startup_error = f"{type(exc).__name__}: {exc}"
+        state.startup_error = public_text(f"{type(exc).__name__}: {exc}", state)  # for clients: no paths
 
 
 async def _reap(sessions: SessionRegistry) -> None:

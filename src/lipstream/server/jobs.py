@@ -16,7 +16,8 @@ from pathlib import Path
 
 from lipstream.avatar.layout import avatar_dir, clean_name
 from lipstream.avatar.prepare import STAGES, prepare_avatar
-from lipstream.errors import AvatarExistsError, JobNotFoundError, LipstreamError, shorten
+from lipstream.errors import AvatarExistsError, JobNotFoundError, LipstreamError, excerpt, shorten
+from lipstream.server.http_errors import hide_paths
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,12 @@ class AvatarJobs:
         self._jobs: dict[str, Job] = {}
         self._pending: set[tuple[str, str]] = set()  # (tenant, name) of queued and running jobs
         self._lock = threading.Lock()
-        self._uploads = Path(tempfile.mkdtemp(prefix="lipstream-uploads-"))
+        self.uploads = Path(tempfile.mkdtemp(prefix="lipstream-uploads-"))  # where uploads wait for their job
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lipstream-prepare")
 
     def upload_path(self, filename: str) -> Path:
         """A fresh path to save an upload to (keeps the file's suffix: the decoder looks at it)."""
-        return self._uploads / f"{uuid.uuid4().hex}{Path(filename).suffix.lower()[:10]}"
+        return self.uploads / f"{uuid.uuid4().hex}{Path(filename).suffix.lower()[:10]}"
 
     def check_name(self, tenant: str, name: str, *, overwrite: bool) -> str:
         """The cleaned name, if a job may make avatar `name` now. Raises AvatarNameError, or
@@ -95,7 +96,7 @@ class AvatarJobs:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None or job.tenant != tenant:
-            raise JobNotFoundError(f"no avatar job {job_id!r} (finished jobs are kept {KEEP_FINISHED_S:.0f} s)")
+            raise JobNotFoundError(f"no avatar job {excerpt(job_id)} (finished jobs are kept {KEEP_FINISHED_S:.0f} s)")
         return job
 
     def _prune(self) -> None:
@@ -118,10 +119,12 @@ class AvatarJobs:
                            source_name=source_name)
             job.status, job.progress = "done", 1.0
         except LipstreamError as exc:
-            job.status, job.error = "failed", str(exc)
-        except Exception as exc:  # reported to the user; the server goes on
+            folders = {"avatars": self.root, "models": self.models_root, "uploads": self.uploads}
+            job.status, job.error = "failed", hide_paths(str(exc), folders)
+        except Exception:  # the server goes on; the log has the details
             log.exception("preparing avatar %r failed", job.avatar)
-            job.status, job.error = "failed", f"internal error while preparing the avatar: {exc}"
+            job.status, job.error = "failed", ("internal error while preparing the avatar (the server's log "
+                                               "says more); try again, or another video or photo")
         finally:
             job.finished = time.time()
             source.unlink(missing_ok=True)
@@ -131,4 +134,4 @@ class AvatarJobs:
     def shutdown(self) -> None:
         """Drop queued jobs; a running one finishes (its avatar is written whole or not at all)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self._uploads, ignore_errors=True)
+        shutil.rmtree(self.uploads, ignore_errors=True)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lipstream.errors import SessionBusyError, SessionLimitError, SessionNotFoundError
+from lipstream.errors import SessionBusyError, SessionLimitError, SessionNotFoundError, excerpt
 from lipstream.metrics import SERVER_VIEWERS
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class SessionRegistry:
         """The open session `session_id` of `tenant`; SessionNotFoundError otherwise."""
         entry = self._open.get(session_id)
         if entry is None or entry.tenant != tenant:
-            raise SessionNotFoundError(f"no open session {session_id!r}; it was closed, timed out, or never "
+            raise SessionNotFoundError(f"no open session {excerpt(session_id)}; it was closed, timed out, or never "
                                        "existed (create one with POST /api/sessions)")
         return entry
 

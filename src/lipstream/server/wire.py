@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipstream.errors import BadRequestError
+from lipstream.errors import BadRequestError, excerpt
 
 MAGIC = b"LSF1"
 HEADER = struct.Struct("<4sIdIII")  # 28 bytes: the audio that follows starts 2-byte aligned
@@ -83,7 +83,7 @@ def parse_control(text: str) -> dict:
         raise BadRequestError(f"control messages are JSON objects like {{\"type\": \"end\"}}; got invalid "
                               f"JSON ({exc.msg})") from exc
     if not isinstance(message, dict) or message.get("type") not in CONTROL_TYPES:
-        raise BadRequestError(f"unknown control message {text[:80]!r}: send {{\"type\": ...}} with one of "
+        raise BadRequestError(f"unknown control message {excerpt(text)}: send {{\"type\": ...}} with one of "
                               f"{', '.join(CONTROL_TYPES)}")
     return message
 
