@@ -29,9 +29,15 @@ def astronaut_avatar() -> Avatar:
     return photo_avatar(astronaut_bgr(), name="astronaut")
 
 
-def store_avatar(root: Path, name: str = "astronaut", tenant: str = "") -> Path:
-    """Write the astronaut avatar under `root` as `name` for `tenant`."""
-    avatar = astronaut_avatar()
+@cache
+def narrow_avatar() -> Avatar:
+    """A one-frame avatar of the astronaut photo's middle 400 columns (512 high, 400 wide)."""
+    return photo_avatar(np.ascontiguousarray(astronaut_bgr()[:, 56:456]), name="narrow")
+
+
+def store_avatar(root: Path, name: str = "astronaut", tenant: str = "", avatar: Avatar | None = None) -> Path:
+    """Write `avatar` (default: the astronaut avatar) under `root` as `name` for `tenant`."""
+    avatar = avatar or astronaut_avatar()
     original = (avatar.name, avatar.tenant, avatar.path)
     try:
         return save_avatar(avatar, name=name, tenant=tenant, root=root)

@@ -18,7 +18,7 @@ from lipstream.server import wire
 from lipstream.server.app import create_app
 from lipstream.synthetic import speech
 from musetalk_tiny import write_tiny_musetalk
-from server_helpers import pcm16, server_settings, store_avatar
+from server_helpers import narrow_avatar, pcm16, server_settings, store_avatar
 
 FPS = 25
 
@@ -27,6 +27,8 @@ FPS = 25
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("avatars")
     store_avatar(root)
+    store_avatar(root, "narrow", avatar=narrow_avatar())
+    store_avatar(root, "elsewhere", tenant="other")
     app = create_app(server_settings(root, jpeg_quality=90), engine=WarpEngine())
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
@@ -242,3 +244,40 @@ def test_nvjpeg_frames_decode_close_to_the_opencv_ones():
     cpu = cv2.imdecode(np.frombuffer(frame_jpeg(frame, 180, 95, "opencv"), np.uint8), 1)
     assert gpu.shape == cpu.shape == (180, 320, 3)
     assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 3
+
+
+def test_the_avatar_changes_at_the_next_frame_over_rest_or_a_message_without_dropping_the_connection(client):
+    """Over REST or the WebSocket's own message: an "avatar_changed" event with the new streamed size, then
+    frames of that size, the frame indices going on. An unknown or another tenant's avatar is refused
+    (404, or an error message) and the session goes on as it was."""
+    sid = session(client, output_height=256)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+        assert json.loads(receive(ws))["width"] == 256
+        first = receive(ws)
+        changed = client.post(f"/api/sessions/{sid}/avatar?key=k-default", json={"avatar": "narrow"})
+        assert changed.status_code == 200, changed.text
+        assert (changed.json()["avatar"], changed.json()["width"], changed.json()["height"]) == ("narrow", 200, 256)
+        for wrong, key in (("nobody", "k-default"), ("elsewhere", "k-default"), ("narrow", "k-other")):
+            assert client.post(f"/api/sessions/{sid}/avatar?key={key}", json={"avatar": wrong}).status_code == 404
+        last = first
+        while not isinstance(message := receive(ws), str):
+            last = message
+        event = json.loads(message)
+        assert (event["type"], event["avatar"], event["width"], event["height"]) == ("avatar_changed", "narrow",
+                                                                                   200, 256)
+        frame = receive(ws)
+        assert frame.index == event["index"] == last.index + 1 > first.index
+        assert cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (256, 200, 3)
+        ws.send_text(json.dumps({"type": "avatar", "avatar": "nobody"}))
+        ws.send_text(json.dumps({"type": "avatar", "avatar": "astronaut"}))
+        texts = []
+        while len(texts) < 2:
+            if isinstance(message := receive(ws), str):
+                texts.append(json.loads(message))
+        assert texts[0]["type"] == "error" and texts[0]["code"] == "AvatarNotFoundError"
+        assert (texts[1]["type"], texts[1]["avatar"], texts[1]["width"]) == ("avatar_changed", "astronaut", 256)
+        frame = receive(ws)
+        assert cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (256, 256, 3)
+    stats = client.get(f"/api/sessions/{sid}/stats?key=k-default")
+    assert stats.status_code == 404, "the session closed with its viewer, as always"
+

@@ -27,7 +27,8 @@ class OpenSession:
     """A session and its server-side facts. fps: its frame rate. size: (height, width) of the streamed
     frames; output_height: what they are scaled to (0: not scaled). viewer: "websocket", "webrtc" or
     None. closed: set once the session is closed; viewers stop on it. on_close: what a viewer must
-    undo (e.g. close its peer connection), run once when the session closes."""
+    undo (e.g. close its peer connection), run once when the session closes. changing: held while its
+    avatar is being changed (changes apply in order)."""
 
     session: Session
     key: str
@@ -41,6 +42,7 @@ class OpenSession:
     detached_since: float = field(default_factory=time.monotonic)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    changing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def id(self) -> str:

@@ -37,10 +37,9 @@ from lipstream.config import Settings
 from lipstream.errors import BadRequestError, SessionNotFoundError
 from lipstream.media.encoding import EncodingPool, video_frame
 from lipstream.metrics import SERVER_FRAMES_SENT
-from lipstream.server import wire
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession, SessionRegistry
-from lipstream.server.viewer import apply_client_message
+from lipstream.server.viewer import ClientMessages, frame_events
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
@@ -77,12 +76,14 @@ class FrameTrack(MediaStreamTrack):
 
 class SessionFeed:
     """Reads the session's frames in real time and hands each image to the video track, its audio (in
-    20 ms pieces) to the audio track and its events to the data channel (once the client opened one).
-    encoding: the pool that converts the frames."""
+    20 ms pieces) to the audio track and its events to the data channel (once the client opened one),
+    which also brings the client's messages. state: the app's state (its encoding pool converts the
+    frames)."""
 
-    def __init__(self, entry: OpenSession, encoding: EncodingPool):
+    def __init__(self, entry: OpenSession, state):
         self.entry = entry
-        self.encoding = encoding
+        self.encoding: EncodingPool = state.encoding
+        self.messages = ClientMessages(state, entry, self._reply)
         self.video = FrameTrack("video", max(2, round(QUEUE_S * entry.fps)))
         self.audio = FrameTrack("audio", round(QUEUE_S * SAMPLE_RATE / AUDIO_CHUNK))
         self.channel: RTCDataChannel | None = None
@@ -93,6 +94,9 @@ class SessionFeed:
     def _send(self, text: str) -> None:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(text)
+
+    async def _reply(self, text: str) -> None:
+        self._send(text)
 
     def _push_audio(self, samples: np.ndarray) -> None:
         pending = np.concatenate([self._pending, samples])
@@ -107,8 +111,8 @@ class SessionFeed:
     async def handle(self, frame: OutputFrame) -> None:
         """One frame of the session: its events, its image (copied and converted on the encoding
         pool), its audio."""
-        for event in frame.events:
-            self._send(wire.event_message(event, frame.index, frame.pts))
+        for event in frame_events(self.entry, frame):
+            self._send(event)
         self.video.offer(await self.encoding.run(video_frame, frame.image, self.entry.output_height, frame.pts))
         if self._samples_sent is None:  # the audio clock starts where the video's does
             self._samples_sent = round(frame.pts * SAMPLE_RATE)
@@ -123,10 +127,9 @@ class SessionFeed:
             self.video.offer(None)
             self.audio.offer(None)
 
-    def on_message(self, data: bytes | str) -> None:
-        reply = apply_client_message(self.entry, data)
-        if reply is not None:
-            self._send(reply)
+    async def on_message(self, data: bytes | str) -> None:
+        """A data channel message (run as a task of its own, in arrival order)."""
+        await self.messages.handle(data)
 
 
 class Offer(BaseModel):
@@ -139,13 +142,13 @@ class PeerViewer:
     the watchdog that closes the session when the peer never connects. The session closes when the
     peer fails or closes, and closing the session closes the peer (`entry.on_close`)."""
 
-    def __init__(self, entry: OpenSession, registry: SessionRegistry, encoding: EncodingPool, settings: Settings):
+    def __init__(self, entry: OpenSession, registry: SessionRegistry, state):
         self.entry = entry
         self.registry = registry
-        self.settings = settings
-        self.feed = SessionFeed(entry, encoding)
+        self.settings: Settings = state.settings
+        self.feed = SessionFeed(entry, state)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=url)
-                                                                 for url in settings.ice_servers]))
+                                                                 for url in self.settings.ice_servers]))
         self._connected = asyncio.Event()
         self._feed_task: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
@@ -200,6 +203,7 @@ class PeerViewer:
 
     async def close(self) -> None:
         """Stop the feed and close the peer connection (run once, when the session closes)."""
+        self.feed.messages.close()
         if self._watchdog is not None:
             self._watchdog.cancel()  # when it is the watchdog that closes the session, only its wait ends
         if self._feed_task is not None:
@@ -220,7 +224,7 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
     registry: SessionRegistry = state.sessions
     entry = registry.get(session_id, caller.tenant)
     registry.attach(entry, "webrtc")
-    viewer = PeerViewer(entry, registry, state.encoding, state.settings)
+    viewer = PeerViewer(entry, registry, state)
     try:
         answer = await viewer.answer(body)
     except BadRequestError:

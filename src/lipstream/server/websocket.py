@@ -21,7 +21,7 @@ from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import request_key
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import apply_client_message
+from lipstream.server.viewer import ClientMessages, frame_events
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(4404 if isinstance(exc, SessionNotFoundError) else 4409, str(exc)[:120])
         return
     try:
-        await _serve(websocket, entry, state.encoding, state.settings.jpeg_quality, state.settings.jpeg_encoder)
+        await _serve(websocket, entry, state)
     finally:
         await state.sessions.close(entry)
         if websocket.client_state == WebSocketState.CONNECTED:
@@ -53,9 +53,10 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
                 pass
 
 
-async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPool, jpeg_quality: int,
-                 jpeg_encoder: str) -> None:
-    """Run until the client leaves or the session closes. The frames are encoded on `encoding`."""
+async def _serve(websocket: WebSocket, entry: OpenSession, state) -> None:
+    """Run until the client leaves or the session closes. The frames are encoded on the app's pool."""
+    encoding: EncodingPool = state.encoding
+    jpeg_quality, jpeg_encoder = state.settings.jpeg_quality, state.settings.jpeg_encoder
     send_lock = asyncio.Lock()
 
     async def send(message: str | bytes) -> None:
@@ -72,11 +73,13 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
 
     async def frames_out() -> None:
         async for frame in session.frames():
-            for event in frame.events:
-                await send(wire.event_message(event, frame.index, frame.pts))
+            for event in frame_events(entry, frame):
+                await send(event)
             jpeg = await encoding.run(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
             await send(wire.pack_frame(frame.index, frame.pts, frame.speaking, frame.audio, jpeg))
             SERVER_FRAMES_SENT.labels("websocket").inc()
+
+    client = ClientMessages(state, entry, send)
 
     async def messages_in() -> None:
         while True:
@@ -84,9 +87,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes")
-            reply = apply_client_message(entry, data if data is not None else message.get("text") or "")
-            if reply is not None:
-                await send(reply)
+            await client.handle(data if data is not None else message.get("text") or "")
 
     tasks = [asyncio.create_task(frames_out()), asyncio.create_task(messages_in()),
              asyncio.create_task(entry.closed.wait())]
@@ -97,6 +98,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
                     and not isinstance(task.exception(), WebSocketDisconnect):
                 log.error("session %s: WebSocket viewer failed", entry.id, exc_info=task.exception())
     finally:
+        client.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -34,7 +34,7 @@ class Utterance:
         self.played = 0  # samples played
         self.c0: int | None = None  # cycle frame of frame 0, fixed when frame 0 is submitted
         self.started = False
-        self.conditioning: dict[int, torch.Tensor] = {}  # j -> [1, ...] until submitted
+        self.conditioning: dict[int, torch.Tensor] = {}  # j -> [1, ...] until shown
         self.voiced: dict[int, bool] = {}  # j -> voiced, until shown
         self.futures: dict[int, asyncio.Future] = {}  # j -> the scheduler's result, until shown
         self.first_push_at: float | None = None  # arrival of the first audio
