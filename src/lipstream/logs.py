@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import select
+import signal
 import sys
 import threading
 import warnings
@@ -57,15 +58,23 @@ class NativeStderrFilter:
         self._read = read
         self._thread = threading.Thread(target=self._forward, name="lipstream-stderr", daemon=True)
         self._thread.start()
+        self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM's default ends the process at
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)  # once: pass on the rest
+
+    def _on_sigterm(self, signum: int, frame) -> None:
+        self.close()
+        signal.raise_signal(signum)  # now with the handler there was before
 
     def _forward(self) -> None:
+        read = self._read
         held = b""  # the start of a line that may be noise, until its newline comes
         while True:
-            if held and not select.select([self._read], [], [], HOLD_S)[0]:
+            if held and not select.select([read], [], [], HOLD_S)[0]:
                 os.write(self._target, held)  # no newline came: it was not a native log line
                 held = b""
                 continue
-            chunk = os.read(self._read, 1 << 16)
+            chunk = os.read(read, 1 << 16)
             if not chunk:
                 break
             data = held + chunk
@@ -78,10 +87,14 @@ class NativeStderrFilter:
                 os.write(self._target, out)
         if held:
             os.write(self._target, held)
-        os.close(self._read)
+        os.close(read)
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Put the real stderr back and pass on what is still in the pipe."""
+        """Put the real stderr back and pass on what is still in the pipe (idempotent)."""
+        if self._read is None:
+            return
+        if self._previous_handler is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_handler)
         try:
             sys.stderr.flush()
         except ValueError:  # stderr closed already
@@ -90,3 +103,4 @@ class NativeStderrFilter:
         self._thread.join(timeout_s)
         if not self._thread.is_alive():  # (a child process still holding the pipe keeps it open)
             os.close(self._target)
+        self._read = None
