@@ -40,7 +40,10 @@ def configure(verbose: bool) -> NativeStderrFilter | None:
     logging.basicConfig(level=logging.WARNING, format=FORMAT)
     logging.getLogger("lipstream").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", module=NOISY_PACKAGES)
-    return NativeStderrFilter()
+    try:
+        return NativeStderrFilter()
+    except OSError:  # no stderr to route (closed): nothing to filter either
+        return None
 
 
 class NativeStderrFilter:
