@@ -169,8 +169,8 @@ def _read_and_detect(source: FaceSource, writer: FolderWriter,
     """Decode every frame, queue its PNG, find its landmarks. Returns (frames, landmarks or None each)."""
     frames, points = _CycleFrames(source.frame_count), []
     video = source.kind == "video"
-    with (FaceMesh(static=not video, max_faces=1 if video else 4) as mesh,  # one tracked face: no re-detection
-          report.stage("frames", source.frame_count, "frame") as advance):
+    with (report.stage("frames", source.frame_count, "frame") as advance,  # till the face mesh has closed
+          FaceMesh(static=not video, max_faces=1 if video else 4) as mesh):  # one tracked face: no re-detection
         for i, decoded in enumerate(source.frames()):
             frame = frames.append(decoded)
             writer.image(f"{FULL_IMGS}/{frame_file(i)}", frame)
@@ -183,40 +183,42 @@ def _read_and_detect(source: FaceSource, writer: FolderWriter,
 def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.ndarray | None],
               source: FaceSource, fps: float, report: _Stages) -> Avatar:
     """Boxes, crops and masks of the N source frames, laid out as the 2N-frame cycle."""
-    n = decoded.count
-    frames = decoded.cycle()
-    boxes = [None if p is None else face_box(p, frames.shape[1:3]) for p in points]
-    has_face = [b is not None for b in boxes]
-    if not any(has_face):
-        what = "the photo" if source.kind == "image" else f"any of the {n} frames of the video"
-        raise NoFaceError(f"no face found in {what} {source.label}; use a video or photo that shows one face, "
-                          "frontal, not too small")
-    if not all(has_face):
-        log.warning("%d of %d frames of %s show no face; they take the nearest face frame's box",
-                    n - sum(has_face), n, source.label)
-    owner = nearest_detected(has_face)
-    with_face = sorted(set(owner.tolist()))
-    with ThreadPoolExecutor(THREADS) as pool, report.stage("faces", len(with_face) + n, "frame") as advance:
-        masks = {}  # OpenCV releases the GIL: masks and crops on a few threads
-        for k, mask in zip(with_face, pool.map(lambda k: blend_mask(points[k], boxes[k], crop_box_for(boxes[k])),
-                                               with_face), strict=True):
-            masks[k] = mask
-            advance(len(masks))
-        crops = []
-        for crop in pool.map(lambda k: crop_face(frames[k], boxes[owner[k]]), range(n)):
-            crops.append(crop)
-            advance(len(masks) + len(crops))
-        crops = np.stack(crops)
-    cycle = np.concatenate([np.arange(n), np.arange(n)[::-1]])
-    cycle_owner = owner[cycle]
-    face_boxes = np.int32([boxes[k] for k in cycle_owner])
-    crops = crops[cycle]
-    faceless = [i for i, k in enumerate(cycle) if not has_face[k]]
-    return Avatar(name, tenant, None, frames=frames, face_boxes=face_boxes,
-                  crop_boxes=np.int32([crop_box_for(tuple(b)) for b in face_boxes]),
-                  masks=[masks[k] for k in cycle_owner], crops=crops,
-                  landmarks=np.stack([points[k] for k in cycle_owner]).astype(np.float32),
-                  fps=float(fps), meta={"faceless_frames": faceless})
+    with report.stage("faces", None, "frame") as advance:  # the stage starts with the cycle's copy
+        n = decoded.count
+        frames = decoded.cycle()
+        boxes = [None if p is None else face_box(p, frames.shape[1:3]) for p in points]
+        has_face = [b is not None for b in boxes]
+        if not any(has_face):
+            what = "the photo" if source.kind == "image" else f"any of the {n} frames of the video"
+            raise NoFaceError(f"no face found in {what} {source.label}; use a video or photo that shows one "
+                              "face, frontal, not too small")
+        if not all(has_face):
+            log.warning("%d of %d frames of %s show no face; they take the nearest face frame's box",
+                        n - sum(has_face), n, source.label)
+        owner = nearest_detected(has_face)
+        with_face = sorted(set(owner.tolist()))
+        advance(0, len(with_face) + n)
+        with ThreadPoolExecutor(THREADS) as pool:  # OpenCV releases the GIL: masks and crops on a few threads
+            masks = {}
+            for k, mask in zip(with_face, pool.map(lambda k: blend_mask(points[k], boxes[k], crop_box_for(boxes[k])),
+                                                   with_face), strict=True):
+                masks[k] = mask
+                advance(len(masks))
+            crops = []
+            for crop in pool.map(lambda k: crop_face(frames[k], boxes[owner[k]]), range(n)):
+                crops.append(crop)
+                advance(len(masks) + len(crops))
+            crops = np.stack(crops)
+        cycle = np.concatenate([np.arange(n), np.arange(n)[::-1]])
+        cycle_owner = owner[cycle]
+        face_boxes = np.int32([boxes[k] for k in cycle_owner])
+        crops = crops[cycle]
+        faceless = [i for i, k in enumerate(cycle) if not has_face[k]]
+        return Avatar(name, tenant, None, frames=frames, face_boxes=face_boxes,
+                      crop_boxes=np.int32([crop_box_for(tuple(b)) for b in face_boxes]),
+                      masks=[masks[k] for k in cycle_owner], crops=crops,
+                      landmarks=np.stack([points[k] for k in cycle_owner]).astype(np.float32),
+                      fps=float(fps), meta={"faceless_frames": faceless})
 
 
 def _latents(vae, crops: np.ndarray, report: _Stages) -> torch.Tensor:
