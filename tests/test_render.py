@@ -142,6 +142,15 @@ def test_silent_frames_are_the_avatars_own_pixels_with_sharpening_on(avatar, eng
     assert len(frames) == 50 and all(own[15:37]) and not any(own[:12]) and not any(own[38:])
 
 
+def test_the_silence_gate_waits_as_long_as_the_engine_needs_to_bring_the_mouth_to_rest(avatar, engine, speech,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(engine, "silence_hangover_ms", 400.0)  # 10 frames at 25 fps
+    audio = np.concatenate([speech[:SR // 2], np.zeros(SR, np.float32), speech[:SR // 2]])
+    frames = np.concatenate(list(render_frames(avatar, engine, audio, batch_size=4)))
+    own = [np.array_equal(frame, avatar.frames[k % len(avatar)]) for k, frame in enumerate(frames)]
+    assert not any(own[:23]) and all(own[23:37])
+
+
 def test_without_sharpening_a_frame_is_musetalks_own_composition(avatar, engine, speech):
     frames = list(render_frames(avatar, engine, speech, batch_size=4, compositor=Compositor(avatar, sharpen=False)))
     faces = engine.generate(take(engine.material(avatar), [1, 2, 0, 1]), engine.features(speech, 25)[4:8]).numpy()

@@ -14,13 +14,17 @@ from lipstream.audio.features import num_video_frames
 from lipstream.audio.load import SAMPLE_RATE, as_float_mono, rms_dbfs
 
 DEFAULT_SILENCE_DBFS = -45.0
-DEFAULT_HANGOVER_FRAMES = 2
+
+
+def hangover_frames(hangover_ms: float, fps: int) -> int:
+    """The whole frames that cover `hangover_ms` at `fps` (e.g. an engine's `silence_hangover_ms`)."""
+    return math.ceil(hangover_ms * fps / 1000 - 1e-9)
 
 
 class VoiceGate:
     """The gate over consecutive frames of one stream: call it with each frame's samples in turn."""
 
-    def __init__(self, silence_dbfs: float = DEFAULT_SILENCE_DBFS, hangover: int = DEFAULT_HANGOVER_FRAMES):
+    def __init__(self, hangover: int, silence_dbfs: float = DEFAULT_SILENCE_DBFS):
         self.silence_dbfs = silence_dbfs
         self.hangover = hangover
         self._frame = 0
@@ -34,9 +38,8 @@ class VoiceGate:
         return self._frame - 1 - self._last_loud <= self.hangover
 
 
-def voiced_frames(audio: np.ndarray, fps: int, silence_dbfs: float = DEFAULT_SILENCE_DBFS,
-                  hangover: int = DEFAULT_HANGOVER_FRAMES) -> np.ndarray:
+def voiced_frames(audio: np.ndarray, fps: int, hangover: int, silence_dbfs: float = DEFAULT_SILENCE_DBFS) -> np.ndarray:
     """A whole clip's gate: audio float32 or int16 [N] 16 kHz -> bool [floor(N/16000*fps)]."""
-    gate = VoiceGate(silence_dbfs, hangover)
+    gate = VoiceGate(hangover, silence_dbfs)
     return np.array([gate(audio[j * SAMPLE_RATE // fps:(j + 1) * SAMPLE_RATE // fps])
                      for j in range(num_video_frames(audio.shape[0], fps))], bool)

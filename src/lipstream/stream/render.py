@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lipstream.audio.features import check_fps, num_video_frames
-from lipstream.audio.gate import voiced_frames
+from lipstream.audio.gate import hangover_frames, voiced_frames
 from lipstream.audio.load import SAMPLE_RATE, AudioClip
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, take
@@ -78,7 +78,7 @@ def render_frames(avatar: Avatar, engine: Engine, audio: np.ndarray, *, fps: int
     if conditioning.shape[0] != total:
         raise RuntimeError(f"engine {engine.name} made {conditioning.shape[0]} frames of features for "
                            f"{audio.shape[0]} samples at {fps} fps, expected {total}")
-    voiced = voiced_frames(audio, fps)
+    voiced = voiced_frames(audio, fps, hangover=hangover_frames(engine.silence_hangover_ms, fps))
     for start in range(0, total, batch_size):
         indices = list(range(start, min(start + batch_size, total)))
         speaking = [k for k, i in enumerate(indices) if voiced[i]]

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lipstream.audio import gate
 from lipstream.audio.features import check_fps
-from lipstream.audio.gate import DEFAULT_HANGOVER_FRAMES, DEFAULT_SILENCE_DBFS
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, Material, take
@@ -96,7 +96,8 @@ class Session:
     sessions of an avatar; made here on the engine's device when None). clock: a MediaClock at `fps`
     (tests inject one with a fake `now`). max_queue_s: most unplayed speech held; more raises
     QueueFullError. material: `engine.material(avatar)` (share it; computed here when None).
-    silence_dbfs / hangover_frames: the energy gate (`audio.gate`). ahead_s: how far ahead of the clock frames are
+    silence_dbfs / hangover_frames: the energy gate (`audio.gate`; hangover None: the engine's
+    `silence_hangover_ms`). ahead_s: how far ahead of the clock frames are
     handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
     real time instead of catching up. auto_end_ms: an open utterance whose speech has run out ends by
     itself after this long without audio (None: only end_speech() ends it).
@@ -105,8 +106,8 @@ class Session:
 
     def __init__(self, avatar: Avatar, engine: Engine, scheduler: Scheduler, *, fps: int = 25,
                  compositor: Compositor | None = None, clock: MediaClock | None = None, max_queue_s: float = 30.0,
-                 material: Material | None = None, silence_dbfs: float = DEFAULT_SILENCE_DBFS,
-                 hangover_frames: int = DEFAULT_HANGOVER_FRAMES,
+                 material: Material | None = None, silence_dbfs: float = gate.DEFAULT_SILENCE_DBFS,
+                 hangover_frames: int | None = None,
                  ahead_s: float = 0.5, max_lag_s: float = 0.5, auto_end_ms: float | None = 600.0):
         self.fps = check_fps(fps)
         self.clock = clock or MediaClock(fps)
@@ -129,7 +130,8 @@ class Session:
         self._auto_end_s = None if auto_end_ms is None else auto_end_ms / 1000
         self._material = material if material is not None else engine.material(avatar)
         self._silence_dbfs = silence_dbfs
-        self._hangover = hangover_frames
+        self._hangover = gate.hangover_frames(engine.silence_hangover_ms, fps) if hangover_frames is None \
+            else hangover_frames
         self._ahead = max(1, round(ahead_s * fps))
         self._stream = engine.feature_stream(fps)
         self._stream_owner: Utterance | None = None

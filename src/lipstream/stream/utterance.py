@@ -21,7 +21,7 @@ class Utterance:
 
     def __init__(self, fps: int, silence_dbfs: float, hangover: int):
         self.fps = fps
-        self.gate = VoiceGate(silence_dbfs, hangover)
+        self.gate = VoiceGate(hangover, silence_dbfs)
         self.pcm = PcmBuffer()
         self.fed = 0  # samples handed to the feature stream
         self.ended = False  # end_speech() was called
