@@ -209,7 +209,7 @@ async def test_switching_the_avatar_mid_speech_keeps_the_clock_and_the_speech(sc
 
 async def test_silence_inside_speech_shows_the_avatar_frame_while_the_audio_plays(scheduler):
     now = FakeNow()
-    session = make_session(scheduler.engine, scheduler, now)
+    session = make_session(scheduler.engine, scheduler, now, hangover_frames=2)  # (default: the engine's)
     loud = voiced_speech(0.4, seed=3)
     audio = np.concatenate([loud, np.zeros(16000, np.int16), loud])  # 10 + 25 + 10 frames
     session.push_audio(audio)
