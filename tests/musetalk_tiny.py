@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from safetensors.torch import save_file
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from lipstream.models.unet import MUSETALK_UNET_CONFIG, build_unet
@@ -36,9 +37,10 @@ TEST_WHISPER_CONFIG = {
 }
 
 
-def write_tiny_musetalk(root: Path, seed: int = 0) -> dict[str, torch.nn.Module]:
+def write_tiny_musetalk(root: Path, seed: int = 0, whisper_file: str = "pytorch_model.bin") -> dict[str, torch.nn.Module]:
     """Write tiny random models under `root` in MuseTalk's layout; return the in-memory originals
-    ("unet", "vae", "whisper_encoder"), fp32, eval mode."""
+    ("unet", "vae", "whisper_encoder"), fp32, eval mode. whisper_file: "pytorch_model.bin" (as
+    openai/whisper-tiny's, torch.save) or "model.safetensors" (what transformers >= 5 saves)."""
     torch.manual_seed(seed)
     unet = build_unet(TEST_UNET_CONFIG).eval()
     (root / "musetalkV15").mkdir(parents=True)
@@ -61,6 +63,9 @@ def write_tiny_musetalk(root: Path, seed: int = 0) -> dict[str, torch.nn.Module]
     (root / "whisper").mkdir()
     whisper_config.save_pretrained(root / "whisper")
     state = {k: v for k, v in whisper.state_dict().items() if k != "proj_out.weight"}
-    torch.save(state, root / "whisper" / "pytorch_model.bin")
+    if whisper_file == "model.safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, root / "whisper" / whisper_file)
+    else:
+        torch.save(state, root / "whisper" / whisper_file)
     WhisperFeatureExtractor().save_pretrained(root / "whisper")
     return {"unet": unet, "vae": vae, "whisper_encoder": whisper.model.encoder}

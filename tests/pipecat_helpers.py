@@ -9,7 +9,8 @@ import soxr
 from pipecat.frames.frames import ErrorFrame, OutputImageRawFrame, SpeechOutputAudioRawFrame, TTSAudioRawFrame
 from pipecat.tests.utils import run_test
 
-from server_helpers import SR, speech_like
+from lipstream.synthetic import speech
+from server_helpers import SR
 
 TIMEOUT_S = 30  # no test may hang: a pipeline ends well within this or the test fails
 
@@ -27,7 +28,7 @@ def errors(up) -> list[str]:
 
 def tts_speech(seconds: float, rate: int = SR, seed: int = 0) -> np.ndarray:
     """Speech-like int16 [seconds * rate] at `rate`."""
-    audio = speech_like(seconds, seed=seed)
+    audio = speech(seconds, seed=seed)
     if rate != SR:
         audio = soxr.resample(audio, SR, rate)
     return np.round(audio * 32767).astype(np.int16)

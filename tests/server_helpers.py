@@ -1,4 +1,4 @@
-"""Shared by the server tests: a stored avatar, speech-like audio, settings, and a live uvicorn server."""
+"""Shared by the server tests: a stored avatar, audio encodings, settings, and a live uvicorn server."""
 
 from __future__ import annotations
 
@@ -15,44 +15,36 @@ import soundfile
 import uvicorn
 
 from face_avatar import photo_avatar
+from lipstream.audio.load import SAMPLE_RATE as SR
 from lipstream.avatar.model import Avatar
 from lipstream.avatar.store import save_avatar
-from lipstream.bench import scene
 from lipstream.bench.serve import free_port
 from lipstream.config import Settings, load_settings
 from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
-
-SR = 16000
+from lipstream.synthetic import astronaut_bgr
 
 
 @cache
 def astronaut_avatar() -> Avatar:
     """A one-frame avatar of the astronaut photo (512x512) with face-mesh landmarks (built once)."""
-    return photo_avatar(scene.astronaut_bgr(), name="astronaut")
+    return photo_avatar(astronaut_bgr(), name="astronaut")
 
 
-def store_avatar(root: Path, name: str = "astronaut", tenant: str = "") -> Path:
-    """Write the astronaut avatar under `root` as `name` for `tenant`."""
-    avatar = astronaut_avatar()
+@cache
+def narrow_avatar() -> Avatar:
+    """A one-frame avatar of the astronaut photo's middle 400 columns (512 high, 400 wide)."""
+    return photo_avatar(np.ascontiguousarray(astronaut_bgr()[:, 56:456]), name="narrow")
+
+
+def store_avatar(root: Path, name: str = "astronaut", tenant: str = "", avatar: Avatar | None = None) -> Path:
+    """Write `avatar` (default: the astronaut avatar) under `root` as `name` for `tenant`."""
+    avatar = avatar or astronaut_avatar()
     original = (avatar.name, avatar.tenant, avatar.path)
     try:
         return save_avatar(avatar, name=name, tenant=tenant, root=root)
     finally:
         avatar.name, avatar.tenant, avatar.path = original
-
-
-def speech_like(seconds: float, *, syllables_per_s: float = 4.0, level: float = 0.3, seed: int = 0) -> np.ndarray:
-    """float32 [n] 16 kHz: a voiced buzz (120 Hz and harmonics, jittered) under a syllable envelope,
-    loud enough for the sessions' energy gate and the page's microphone gate."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    pitch = 120 * (1 + 0.05 * np.sin(2 * np.pi * 1.3 * t))
-    phase = 2 * np.pi * np.cumsum(pitch) / SR
-    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
-    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * syllables_per_s * t - np.pi / 2)
-    signal = voice * envelope + 0.02 * rng.standard_normal(t.size)
-    return (level * signal / np.abs(signal).max()).astype(np.float32)
 
 
 def wav_bytes(samples: np.ndarray, rate: int = SR) -> bytes:

@@ -8,16 +8,15 @@ from functools import lru_cache
 
 import numpy as np
 
-from avatar_helpers import scene_avatar
 from lipstream.avatar.model import Avatar
-from lipstream.bench import scene
-from lipstream.bench.audio_streaming import speech_like
 from lipstream.engines.base import Material
 from lipstream.engines.warp import WarpEngine
 from lipstream.stream.clock import MediaClock
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.scheduler import Scheduler
 from lipstream.stream.session import OutputFrame, Session
+from lipstream.synthetic import moving_avatar
+from lipstream.synthetic import speech as speech_like
 
 CYCLE = 5
 
@@ -26,10 +25,7 @@ CYCLE = 5
 def small_avatar() -> tuple[Avatar, Material]:
     """A 5-frame 144x256 avatar from the astronaut photo (the face moves 2 px a frame) and its warp
     material (face-mesh landmarks of its crops, computed once per test process)."""
-    photo = scene.astronaut_bgr()
-    scenes = [scene.make_scene((144, 256), face_box=(90 + 2 * i, 20, 170 + 2 * i, 120), seed=i, photo=photo)
-              for i in range(CYCLE)]
-    avatar = scene_avatar(scenes)
+    avatar = moving_avatar((144, 256), (90, 20, 170, 120), CYCLE)
     return avatar, WarpEngine().material(avatar)
 
 

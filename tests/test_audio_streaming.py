@@ -10,7 +10,7 @@ import torch
 
 from audio_helpers import tiny_whisper
 from lipstream.audio import StreamingFeatures, audio_features
-from lipstream.bench.audio_streaming import speech_like
+from lipstream.synthetic import speech as speech_like
 
 # Measured with this tiny random encoder on speech_like audio (2 s, 20 ms chunks): relative L2
 # over all frames 5.0e-4 at 0 ms look-ahead, 0.8-1.1e-4 at 40-80 ms; worst frame 1.4e-3.

@@ -33,10 +33,9 @@ from lipstream.avatar.masks import (
     feather_kernel_size,
     restrict_and_feather,
 )
-from lipstream.avatar.prepare import prepare_avatar
+from lipstream.avatar.prepare import STAGES, prepare_avatar
 from lipstream.avatar.source import FaceSource, open_source
 from lipstream.avatar.store import AvatarCache, delete_avatar, import_avatar, list_avatars, load_avatar
-from lipstream.bench.scene import write_face_video
 from lipstream.cli import main
 from lipstream.errors import (
     AvatarCorruptError,
@@ -49,6 +48,7 @@ from lipstream.errors import (
     MissingWeightsError,
     NoFaceError,
 )
+from lipstream.synthetic import write_face_video
 from musetalk_tiny import write_tiny_musetalk
 
 BLANK = (20, 21)  # frames of the test video without a face
@@ -286,9 +286,15 @@ def test_latents_with_musetalk_weights(tmp_path, grace_hopper_path):
 
     models = tmp_path / "models"
     write_tiny_musetalk(models)
+    reports = []
     avatar = prepare_avatar("grace", image=grace_hopper_path, root=tmp_path, models_root=models, device="cpu",
-                            progress=False)
+                            progress=lambda *report: reports.append(report))
     assert avatar.latents.shape == (2, 8, 32, 32) and avatar.latents.dtype == torch.float16
+    # the progress goes through every stage, in order, each to its end
+    assert list(dict.fromkeys(stage for stage, _, _ in reports)) == list(STAGES)
+    for stage in STAGES:
+        done, total = [(d, t) for s, d, t in reports if s == stage][-1]
+        assert total and done == total, (stage, done, total)
     vae = load_vae(models / "sd-vae", torch.device("cpu"), torch.float32)
     expected = avatar_latents(vae, avatar.crops[:1], generator=torch.Generator().manual_seed(0)).half()
     assert torch.equal(avatar.latents[0], expected[0]) and torch.equal(avatar.latents[1], expected[0])
@@ -414,7 +420,7 @@ def test_input_errors_name_the_file(tmp_path, video_path):
     with pytest.raises(AvatarSourceTooLongError, match="longer than 1 s"):
         prepare_avatar("x", video=video_path, max_seconds=1, root=tmp_path, latents=False, progress=False)
     # a container that does not say how long it is: refused while decoding
-    unknown_length = FaceSource(video_path, "video", None, 25.0, max_seconds=1.0)
+    unknown_length = FaceSource(video_path, "video", None, 25.0, max_seconds=1.0, label=str(video_path))
     with pytest.raises(AvatarSourceTooLongError):
         list(unknown_length.frames())
     assert _leftovers(tmp_path) == []

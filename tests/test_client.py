@@ -16,7 +16,8 @@ from lipstream.errors import (
     SessionClosedError,
     SessionNotFoundError,
 )
-from server_helpers import speech_like, warp_server, wav_bytes
+from lipstream.synthetic import speech as speech_like
+from server_helpers import warp_server, wav_bytes
 
 pytestmark = pytest.mark.anyio
 

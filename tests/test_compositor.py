@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lipstream import synthetic
 from lipstream.avatar.model import Avatar
 from lipstream.imgproc import composite
 from lipstream.stream.compositor import Compositor
@@ -14,10 +15,7 @@ from lipstream.stream.compositor import Compositor
 @pytest.fixture(scope="module")
 def scene_avatar(make_scene) -> tuple[Avatar, list]:
     scenes = [make_scene((360, 640), face_box=(250 + 4 * i, 80, 380 + 4 * i, 240), seed=i) for i in range(3)]
-    avatar = Avatar("t", "", None, frames=np.stack([s.frame for s in scenes]),
-                    face_boxes=np.int32([s.face_box for s in scenes]), crop_boxes=np.int32([s.crop_box for s in scenes]),
-                    masks=[s.mask for s in scenes], crops=np.stack([s.face for s in scenes]))
-    return avatar, scenes
+    return synthetic.scene_avatar(scenes, "t"), scenes
 
 
 def test_compose_equals_imgproc_composite_per_frame_and_wraps_the_cycle(scene_avatar):

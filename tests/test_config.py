@@ -61,6 +61,9 @@ def test_mappings_and_lists_from_text():
     assert settings.api_keys == {"k1": "acme", "k2": "", "k3": "beta"}
     assert settings.ice_servers == ["stun:a.example:3478", "turn:b.example"]
     assert load_settings(environ={"LIPSTREAM_API_KEYS": '{"k": "t"}'}).api_keys == {"k": "t"}
+    assert load_settings(environ={}).sharpen is True  # on unless switched off
+    assert load_settings(environ={"LIPSTREAM_SHARPEN": "false"}).sharpen is False
+    assert load_settings({"sharpen": "0"}, environ={}).sharpen is False
 
 
 @pytest.mark.parametrize("env, words", [

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from lipstream.audio.load import SAMPLE_RATE as SR
 from lipstream.bench.serve import free_port, stop_process
 from lipstream.cli import main
 from lipstream.demo import SAMPLE_AVATAR
-
-SR = 16000
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ container's entry point runs as a plain script."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,19 +52,59 @@ def test_dockerfile_runs_as_non_root_on_a_cuda_base_with_a_health_check():
     assert kinds.index("USER") < kinds.index("ENTRYPOINT")
 
 
-def test_compose_file_publishes_2160_with_a_gpu_and_a_volume():
+def test_dependencies_are_installed_before_the_code_is_copied_with_a_pinned_torch_and_no_dev_extras():
+    """A code change rebuilds only the last layers: the first COPY brings only what lists the
+    dependencies, and they are installed (torch pinned to install.sh's release) before the source comes."""
+    instructions = dockerfile_instructions()
+    copies = [i for i, (k, _) in enumerate(instructions) if k == "COPY"]
+    first, source = instructions[copies[0]][1], instructions[copies[1]][1]
+    assert first.split()[1:] == ["pyproject.toml", "install.sh", "./"] and source.split()[1:] == [".", "."]
+    deps = next(i for i, (k, args) in enumerate(instructions) if k == "RUN" and "install.sh" in args)
+    assert copies[0] < deps < copies[1]
+    run = instructions[deps][1]
+    assert "LIPSTREAM_DEPS_ONLY=1" in run and "LIPSTREAM_EXTRAS=''" in run and '"torch==${TORCH_VERSION}"' in run
+    pinned = re.search(r'"torch==([\d.]+)"', (ROOT / "install.sh").read_text())[1]
+    assert ("ARG", f"TORCH_VERSION={pinned}") in instructions
+    text = (ROOT / "Dockerfile").read_text()
+    assert "[dev]" not in text and "pip install --no-deps ." in text
+    assert "tests" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_compose_file_publishes_2160_with_every_gpu_and_a_volume():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     service = compose["services"]["lipstream"]
     assert "2160:2160" in service["ports"]
     assert service["restart"] == "unless-stopped"
     assert any(v.endswith(":/workspace") for v in service["volumes"])
     devices = service["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == "all"
 
 
 def entrypoint_env(tmp_path: Path, **env: str) -> dict[str, str]:
-    return {**os.environ, "LIPSTREAM_MODELS": str(tmp_path / "models"), "LIPSTREAM_AVATARS": str(tmp_path / "results"),
-            "HF_HUB_OFFLINE": "1", "LIPSTREAM_BIN": str(Path(sys.executable).parent / "lipstream"), **env}
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("LIPSTREAM_")}
+    return {**environ, "LIPSTREAM_WORKSPACE": str(tmp_path), "LIPSTREAM_MODELS": str(tmp_path / "models"),
+            "LIPSTREAM_AVATARS": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1",
+            "LIPSTREAM_BIN": str(Path(sys.executable).parent / "lipstream"), **env}
+
+
+def test_the_entrypoint_makes_one_api_key_and_keeps_it_in_the_workspace(tmp_path):
+    env = entrypoint_env(tmp_path, LIPSTREAM_DOWNLOAD_MODELS="0")
+    runs = [subprocess.run(["bash", str(ENTRYPOINT), "--help"], env=env, capture_output=True, text=True, timeout=120,
+                           check=False) for _ in range(2)]
+    assert all(run.returncode == 0 and "usage: lipstream serve" in run.stdout for run in runs), runs
+    key_file = tmp_path / "api_key"
+    key = key_file.read_text()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", key) and key_file.stat().st_mode & 0o777 == 0o600
+    assert "made an API key" in runs[0].stdout and "made an API key" not in runs[1].stdout
+    assert all(f"/?key={key}" in run.stdout for run in runs), "both starts use the same key"
+
+
+def test_the_entrypoint_says_how_to_mount_a_workspace_it_cannot_write(tmp_path):
+    (tmp_path / "file").write_text("")
+    env = entrypoint_env(tmp_path, LIPSTREAM_WORKSPACE=str(tmp_path / "file" / "workspace"),
+                         LIPSTREAM_MODELS=str(tmp_path / "file" / "workspace" / "models"))
+    run = subprocess.run(["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and "cannot write to" in run.stderr and '--user "$(id -u):$(id -g)"' in run.stderr
 
 
 def test_entrypoint_without_weights_offline_stops_when_musetalk_is_required(tmp_path):
@@ -80,7 +121,7 @@ def test_entrypoint_serves_with_warp_without_weights_and_stops_cleanly_on_sigter
     SIGTERM ends it cleanly."""
     port = free_port()
     env = entrypoint_env(tmp_path, LIPSTREAM_DOWNLOAD_MODELS="0", LIPSTREAM_HOST="127.0.0.1",
-                         LIPSTREAM_PORT=str(port), LIPSTREAM_API_KEYS="")
+                         LIPSTREAM_PORT=str(port))
     process = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
@@ -92,6 +133,9 @@ def test_entrypoint_serves_with_warp_without_weights_and_stops_cleanly_on_sigter
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
+        key = (tmp_path / "api_key").read_text()  # the key kept in the workspace is the server's
+        assert httpx.get(f"http://127.0.0.1:{port}/api/avatars", headers={"X-API-Key": key}).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/api/avatars", headers={"X-API-Key": "x"}).status_code == 403
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
     finally:

@@ -11,7 +11,7 @@ from audio_helpers import tiny_whisper
 from lipstream.audio import StreamingFeatures
 from lipstream.audio.encoder_batcher import EncoderBatcher
 from lipstream.audio.features import encode_mels, segment_mels
-from lipstream.bench.audio_streaming import speech_like
+from lipstream.synthetic import speech
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def whisper():
 
 def test_concurrent_passes_share_calls_and_keep_their_own_results(whisper):
     encoder, extractor = whisper
-    mels = [segment_mels(speech_like(seconds, seed=i), extractor) for i, seconds in enumerate([1, 2, 31, 3])]
+    mels = [segment_mels(speech(seconds, seed=i), extractor) for i, seconds in enumerate([1, 2, 31, 3])]
     expected = [encode_mels(m, encoder) for m in mels]  # the third one is two 30 s segments
     batcher = EncoderBatcher(encoder, wait_ms=500)
     start = threading.Barrier(len(mels))
@@ -45,7 +45,7 @@ def test_concurrent_passes_share_calls_and_keep_their_own_results(whisper):
 def test_a_batch_too_big_is_split_and_a_failure_reaches_its_caller(whisper):
     encoder, extractor = whisper
     batcher = EncoderBatcher(encoder, max_segments=1, wait_ms=0)
-    mels = segment_mels(speech_like(1.0), extractor)
+    mels = segment_mels(speech(1.0), extractor)
     torch.testing.assert_close(batcher.encode(mels), encode_mels(mels, encoder))
     with pytest.raises(ValueError):
         batcher.encode(torch.zeros(1, 80, 10))  # not a 30 s window
@@ -54,7 +54,7 @@ def test_a_batch_too_big_is_split_and_a_failure_reaches_its_caller(whisper):
 
 def test_streaming_through_the_batcher_equals_direct_passes(whisper):
     encoder, extractor = whisper
-    audio = speech_like(1.5, seed=3)
+    audio = speech(1.5, seed=3)
     outputs = []
     for encode in (None, EncoderBatcher(encoder, wait_ms=0).encode):
         stream = StreamingFeatures(encoder, extractor, encode=encode)

@@ -54,10 +54,23 @@ def test_generate_equals_the_reference_steps_in_bgr(engine, batch, faces):
     with torch.inference_mode():
         audio_pe = audio + m.positional_encoding.table[:, :50]  # the engine adds the PE itself
         pred = m.unet(latents, 0, encoder_hidden_states=audio_pe).sample
-        image = m.vae.decode(pred / 0.18215).sample
+        image = m.vae.decode((1 / 0.18215) * pred).sample  # MuseTalk's decode_latents
     rgb = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     assert torch.equal(faces, rgb.flip(-1))  # BGR: channel 0 of the output is the decoder's blue
     assert not torch.equal(faces, rgb)
+
+
+def test_vae_decodes_the_latents_times_the_reciprocal_of_the_scale_as_musetalk(engine, batch, monkeypatch):
+    decoded = []
+    decode = engine.models.vae.decode
+    monkeypatch.setattr(engine.models.vae, "decode", lambda z, **kw: decoded.append(z) or decode(z, **kw))
+    engine.faces(*batch)
+    latents, audio = batch
+    m = engine.models
+    with torch.inference_mode():
+        pred = m.unet(latents, 0, encoder_hidden_states=audio + m.positional_encoding.table[:, :50]).sample
+    assert torch.equal(decoded[0], (1 / 0.18215) * pred)
+    assert not torch.equal(decoded[0], pred / 0.18215)  # dividing rounds some values differently
 
 
 def test_generate_is_deterministic_and_uses_the_audio(engine, batch, faces):

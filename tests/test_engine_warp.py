@@ -29,7 +29,6 @@ from lipstream.avatar.landmarks import (
 )
 from lipstream.avatar.model import Avatar
 from lipstream.bench import warp_faces
-from lipstream.bench.warp import synthetic_speech, vowel
 from lipstream.engines.base import Engine, concat, take
 from lipstream.engines.mouth_features import SETTLE_MS
 from lipstream.engines.mouth_geometry import NOSE_BASE, mouth_frame
@@ -38,6 +37,7 @@ from lipstream.engines.mouth_warp import BOTTOM_STILL, EDGE, warp_mouth
 from lipstream.engines.select import load_engine
 from lipstream.engines.warp import WarpEngine, avatar_teeth
 from lipstream.errors import MissingWeightsError, NoFaceError
+from lipstream.synthetic import speech, vowel
 from musetalk_tiny import write_tiny_musetalk
 
 FPS = 25
@@ -135,7 +135,7 @@ def test_lip_shapes_follow_the_sounds(engine):
 def test_lip_shapes_change_smoothly(engine):
     """No flicker: over synthetic speech the lip shape moves at most half-way to a new target per
     frame; on a steady vowel over noise (with a slow tremolo) the state barely moves between frames."""
-    states = engine.features(synthetic_speech(6.0, seed=4), FPS)
+    states = engine.features(speech(6.0, seed=4), FPS)
     assert (states[:, 1:].diff(dim=0).abs() <= 0.5).all()
     rng = np.random.default_rng(5)
     steady = vowel(2.0, -18, formants=(500, 1700))
@@ -330,7 +330,7 @@ def test_only_the_face_box_changes_in_the_frame(engine, avatar, material):
 
 def test_streaming_gives_exactly_the_offline_states(engine, bursts):
     rng = np.random.default_rng(1)
-    audio = np.concatenate([bursts, synthetic_speech(3.0, seed=2), silence(0.013)])
+    audio = np.concatenate([bursts, speech(3.0, seed=2), silence(0.013)])
     audio = (audio * 32768).astype(np.int16).astype(np.float32) / 32768  # int16 chunks carry it exactly
     for fps in (25, 30):  # 30: frames of 533 and 534 samples
         offline = engine.features(audio, fps)
@@ -446,7 +446,7 @@ def test_bench_warp_faces_writes_figures_and_a_contact_sheet(tmp_path, capsys):
 
     wav = tmp_path / "speech.wav"
     pause = silence(0.8)
-    soundfile.write(wav, np.concatenate([pause, synthetic_speech(1.5, seed=3), pause]), 16000)
+    soundfile.write(wav, np.concatenate([pause, speech(1.5, seed=3), pause]), 16000)
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "warp-faces", "--faces", "astronaut", "nobody", "--audio", str(wav),

@@ -284,10 +284,9 @@ def test_composite_torch_within_contract_of_original(make_scene):
         assert np.array_equal(out[:y1], ref[:y1]) and np.array_equal(out[y2:], ref[y2:])
 
 
-def test_composite_without_sharpen(make_scene):
+def test_composite_without_sharpen_is_musetalks_own_composition(make_scene):
     scene = make_scene()
-    ref = original.blend(scene.frame, original.resize(scene.face, scene.face_box), scene.face_box, scene.mask,
-                         scene.crop_box)
+    ref = original.musetalk_composition(scene.frame, scene.face, scene.face_box, scene.mask, scene.crop_box)
     assert np.array_equal(imgproc.composite(scene.frame, scene.face, scene.face_box, scene.mask, scene.crop_box,
                                             sharpen=False), ref)
 

@@ -9,12 +9,11 @@ import pytest
 import soundfile
 import torch
 
+from lipstream.audio.load import SAMPLE_RATE as SR
 from lipstream.errors import OutputPathError
 from lipstream.media import OutputThread, encode_jpeg, open_output
 from lipstream.media.frames_folder import FolderOutput
 from lipstream.media.mp4 import Mp4Output
-
-SR = 16000
 
 
 def frames_like_video(n: int, h: int, w: int) -> np.ndarray:

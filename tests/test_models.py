@@ -137,6 +137,17 @@ def test_check_complete_root(tiny_root, capsys):
     assert "CORRUPT  musetalkV15/unet.pth" in capsys.readouterr().out
 
 
+def test_whisper_weights_in_safetensors_are_found_and_load(tmp_path, capsys):
+    originals = write_tiny_musetalk(tmp_path, whisper_file="model.safetensors")
+    assert not (tmp_path / "whisper" / "pytorch_model.bin").exists() and has_musetalk_weights(tmp_path)
+    assert run_cli(["models", "check", "--root", str(tmp_path)]) == 0
+    assert "present  whisper/model.safetensors" in capsys.readouterr().out
+    encoder = load_musetalk(tmp_path, "cpu").whisper_encoder
+    mel = torch.randn(1, 80, 2 * TEST_WHISPER_CONFIG["max_source_positions"], generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(encoder(mel).last_hidden_state, originals["whisper_encoder"](mel).last_hidden_state)
+
+
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()

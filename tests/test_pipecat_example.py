@@ -106,7 +106,7 @@ async def test_the_echo_bot_answers_with_its_face_over_smallwebrtc(tmp_path, mon
     config = example.BotConfig.from_env()
     face = await example.find_face(config)
     assert (face.avatar, face.width, face.height) == ("astronaut", HEIGHT, HEIGHT)
-    sentence = synthesize_speech("Hello there. Can you see me?")
+    sentence = synthesize_speech("Hello there. Can you see me?").mono_16k()
     words = np.round(soxr.resample(sentence, 16000, RATE) * 32767).astype(np.int16)
     server = uvicorn.Server(uvicorn.Config(example.create_app(config, face), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import soundfile
 
-from avatar_helpers import scene_avatar
+from lipstream.audio.load import SAMPLE_RATE as SR
 from lipstream.avatar.store import save_avatar
+from lipstream.bench import original
 from lipstream.cli import main
 from lipstream.engines.base import take
 from lipstream.engines.musetalk import MuseTalkEngine
-from lipstream.engines.select import ENGINE_NAMES
 from lipstream.errors import AudioTooShortError
 from lipstream.stream.compositor import Compositor
-from lipstream.stream.render import render
-from lipstream.stream.render_cli import ENGINE_CHOICES
+from lipstream.stream.render import render, render_frames
+from lipstream.synthetic import moving_avatar, vowel
+from lipstream.synthetic import speech as speech_like
 from musetalk_tiny import write_tiny_musetalk
 
-SR = 16000
 FRAME_HW = (181, 321)  # odd on purpose: the MP4 pads to even, the PNGs keep the size
 
 
@@ -38,19 +38,15 @@ def engine(models_root) -> MuseTalkEngine:
 
 
 @pytest.fixture(scope="module")
-def avatar(make_scene):
-    return scene_avatar([make_scene(FRAME_HW, face_box=(120 + 3 * i, 40, 200 + 3 * i, 140), seed=i)
-                         for i in range(3)])
+def avatar():
+    return moving_avatar(FRAME_HW, (120, 40, 200, 140), 3, step_px=3)
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    """1.23 s of a speech-like signal (30.75 frames at 25 fps -> 30 frames), float32 16 kHz."""
-    rng = np.random.default_rng(0)
-    t = np.arange(int(1.23 * SR) + 7) / SR
-    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None)
-    signal = envelope * (0.3 * np.sin(2 * np.pi * 180 * t) + 0.1 * np.sin(2 * np.pi * 720 * t))
-    return (signal + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    """1.23 s of a speech-like signal (30.75 frames at 25 fps -> 30 frames), float32 16 kHz, over a quiet vowel
+    (-30 dBFS), so that every frame is voiced: all get a generated face."""
+    return speech_like(1.23) + vowel(1.23, -30)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +132,35 @@ def test_silence_renders_a_video(tmp_path, avatar, engine):
     assert result.frames == 5 and len(list((tmp_path / "quiet").glob("*.png"))) == 5
 
 
+def test_silent_frames_are_the_avatars_own_pixels_with_sharpening_on(avatar, engine, speech):
+    """Speech, 1 s of digital silence, speech: after the 2-frame hangover the silent frames are the
+    avatar's own frames byte for byte (the sharpening touches generated faces only); speech frames are not."""
+    audio = np.concatenate([speech[:SR // 2], np.zeros(SR, np.float32), speech[:SR // 2]])  # 12.5 + 25 + 12.5
+    frames = np.concatenate(list(render_frames(avatar, engine, audio, batch_size=4,
+                                               compositor=Compositor(avatar, sharpen=True))))
+    own = [np.array_equal(frame, avatar.frames[k % len(avatar)]) for k, frame in enumerate(frames)]
+    assert len(frames) == 50 and all(own[15:37]) and not any(own[:12]) and not any(own[38:])
+
+
+def test_the_silence_gate_waits_as_long_as_the_engine_needs_to_bring_the_mouth_to_rest(avatar, engine, speech,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(engine, "silence_hangover_ms", 400.0)  # 10 frames at 25 fps
+    audio = np.concatenate([speech[:SR // 2], np.zeros(SR, np.float32), speech[:SR // 2]])
+    frames = np.concatenate(list(render_frames(avatar, engine, audio, batch_size=4)))
+    own = [np.array_equal(frame, avatar.frames[k % len(avatar)]) for k, frame in enumerate(frames)]
+    assert not any(own[:23]) and all(own[23:37])
+
+
+def test_without_sharpening_a_frame_is_musetalks_own_composition(avatar, engine, speech):
+    frames = list(render_frames(avatar, engine, speech, batch_size=4, compositor=Compositor(avatar, sharpen=False)))
+    faces = engine.generate(take(engine.material(avatar), [1, 2, 0, 1]), engine.features(speech, 25)[4:8]).numpy()
+    for k in range(4):
+        i = (4 + k) % len(avatar)
+        expected = original.musetalk_composition(avatar.frames[i], faces[k], tuple(avatar.face_boxes[i]),
+                                                 avatar.masks[i], tuple(avatar.crop_boxes[i]))
+        assert np.array_equal(frames[1][k], expected)
+
+
 # ---- the `lipstream render` command: a stored avatar, an audio file, the engine choice, clear errors
 
 
@@ -217,5 +242,40 @@ def test_cli_rejects_an_unsupported_output_before_rendering(tmp_path, avatars_ro
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_engine_choices_are_the_selectable_engines():
-    assert ENGINE_CHOICES == ENGINE_NAMES
+def test_cli_output_carries_the_inputs_own_audio_rate_and_channels(tmp_path, avatars_root, models_root, speech):
+    """A 48 kHz stereo MP3 in: the MP4 has 48 kHz stereo AAC at 192 kb/s, close to the input; a WAV in: the
+    folder's audio.wav holds its exact samples, rate and channels."""
+    t = np.arange(round(speech.size * 3)) / 48000
+    left = np.interp(t, np.arange(speech.size) / SR, speech)
+    stereo = np.stack([left, 0.2 * np.sin(2 * np.pi * 440 * t)], axis=1).astype(np.float32)  # [n, 2]
+    mp3 = tmp_path / "stereo.mp3"
+    soundfile.write(mp3, stereo, 48000, format="MP3")
+    out = tmp_path / "clip.mp4"
+    assert cli("studio", mp3, "-o", out, avatars_root=avatars_root, models_root=models_root) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.audio[0]
+        assert (stream.codec_context.name, stream.rate, stream.channels) == ("aac", 48000, 2)
+        assert stream.bit_rate >= 150_000
+        decoded = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)  # [2, n]
+    right = decoded[1, 4096:4096 + 48000]
+    tone = 0.2 * np.sin(2 * np.pi * 440 * np.arange(right.size) / 48000)
+    lag = max(range(48), key=lambda d: np.dot(right[d:d + 40000], tone[:40000]))  # the encoder's delay
+    left = decoded[0, 4096:4096 + 48000]
+    assert np.corrcoef(right[lag:lag + 40000], tone[:40000])[0, 1] > 0.95, "the right channel is the tone"
+    assert abs(np.corrcoef(left[lag:lag + 40000], tone[:40000])[0, 1]) < 0.5, "the left one is not"
+    wav = tmp_path / "stereo.wav"
+    soundfile.write(wav, stereo, 48000, subtype="FLOAT")
+    assert cli("studio", wav, "-o", tmp_path / "frames", avatars_root=avatars_root,
+               models_root=models_root) == 0
+    samples, rate = soundfile.read(tmp_path / "frames" / "audio.wav", dtype="float32")
+    assert rate == 48000 and np.array_equal(samples, stereo)
+
+
+@pytest.mark.parametrize("output", ["missing/dir/out.mp4", "missing/dir/frames/"])
+def test_cli_a_missing_output_folder_is_an_error_and_no_folder_is_made(tmp_path, avatars_root, models_root,
+                                                                      speech_wav, capsys, output):
+    assert cli("studio", speech_wav, "-o", f"{tmp_path}/{output}", avatars_root=avatars_root,
+               models_root=models_root) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist; create it first" in err
+    assert not (tmp_path / "missing").exists()

@@ -3,19 +3,23 @@ limits and errors, avatar upload jobs, and the static page."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from lipstream.avatar.store import list_avatars
 from lipstream.cli import main
 from lipstream.config import load_settings
 from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
 from lipstream.server.serve import page_url
-from server_helpers import SR, astronaut_avatar, pcm16, server_settings, speech_like, store_avatar, wav_bytes
+from lipstream.synthetic import speech
+from server_helpers import SR, astronaut_avatar, pcm16, server_settings, store_avatar, wav_bytes
 
 DEFAULT = {"Authorization": "Bearer k-default"}
 OTHER = {"X-API-Key": "k-other"}
@@ -89,12 +93,12 @@ def test_session_lifecycle_audio_and_stats(client):
     session = new_session(client, output_height=256)
     assert (session["width"], session["height"]) == (256, 256)
     sid = session["id"]
-    speech = speech_like(1.0)
-    reply = client.post(f"/api/sessions/{sid}/audio", content=pcm16(speech),
+    audio = speech(1.0)
+    reply = client.post(f"/api/sessions/{sid}/audio", content=pcm16(audio),
                         headers={**DEFAULT, "Content-Type": "application/octet-stream"})
     assert reply.json() == {"samples": SR, "seconds": 1.0, "ended": False}
     reply = client.post(f"/api/sessions/{sid}/audio?end=true", headers=DEFAULT,
-                        files={"file": ("hello.wav", wav_bytes(speech_like(0.5)), "audio/wav")})
+                        files={"file": ("hello.wav", wav_bytes(speech(0.5)), "audio/wav")})
     assert reply.json()["samples"] == SR // 2 and reply.json()["ended"]
     stats = client.get(f"/api/sessions/{sid}/stats", headers=DEFAULT).json()
     assert stats["stats"]["audio_queued_s"] == pytest.approx(1.5)
@@ -106,10 +110,10 @@ def test_session_lifecycle_audio_and_stats(client):
 
 def test_audio_at_another_rate_and_as_a_file_body(client):
     sid = new_session(client)["id"]
-    reply = client.post(f"/api/sessions/{sid}/audio?sample_rate=8000", content=pcm16(speech_like(0.5)[::2]),
+    reply = client.post(f"/api/sessions/{sid}/audio?sample_rate=8000", content=pcm16(speech(0.5)[::2]),
                         headers={**DEFAULT, "Content-Type": "audio/L16"})
     assert reply.json()["samples"] == 4000 * 2  # 0.5 s at 16 kHz
-    reply = client.post(f"/api/sessions/{sid}/audio", content=wav_bytes(speech_like(0.25)),
+    reply = client.post(f"/api/sessions/{sid}/audio", content=wav_bytes(speech(0.25)),
                         headers={**DEFAULT, "Content-Type": "audio/wav"})
     assert reply.json()["samples"] == SR // 4
 
@@ -127,11 +131,11 @@ def test_limits_and_bad_input_get_clear_errors(client):
     assert odd.status_code == 400 and "2 bytes a sample" in odd.json()["detail"]
     garbage = client.post(audio, content=b"not audio at all" * 10, headers={**DEFAULT, "Content-Type": "audio/wav"})
     assert garbage.status_code == 400 and garbage.json()["error"] == "AudioDecodeError"
-    no_field = client.post(audio, headers=DEFAULT, files={"audio": ("a.wav", wav_bytes(speech_like(0.1)))})
+    no_field = client.post(audio, headers=DEFAULT, files={"audio": ("a.wav", wav_bytes(speech(0.1)))})
     assert no_field.status_code == 400 and "`file`" in no_field.json()["detail"]
     for _ in range(3):  # 3 s queued is the limit
-        assert client.post(audio, content=pcm16(speech_like(1.0)), headers=raw).status_code == 200
-    full = client.post(audio, content=pcm16(speech_like(0.5)), headers=raw)
+        assert client.post(audio, content=pcm16(speech(1.0)), headers=raw).status_code == 200
+    full = client.post(audio, content=pcm16(speech(0.5)), headers=raw)
     assert full.status_code == 429 and full.json()["error"] == "QueueFullError"
     big = client.post(audio, content=b"\0" * 2_000_002, headers=raw)
     assert big.status_code == 413 and "max_upload_bytes" in big.json()["detail"]
@@ -188,6 +192,9 @@ def test_avatar_upload_runs_as_a_job_and_the_avatar_becomes_usable(client):
     assert job["status"] == "done" and job["progress"] == 1.0, job
     names = [a["name"] for a in client.get("/api/avatars", headers=OTHER).json()["avatars"]]
     assert "uploaded" in names
+    # `lipstream avatars list` names the uploaded file, not where the server kept it meanwhile
+    listed = list_avatars("other", client.app.state.settings.avatars_root)
+    assert [a.source for a in listed if a.name == "uploaded"] == ["image: me.png"]
     new_session(client, headers=OTHER, avatar="uploaded")
     again = client.post("/api/avatars", headers=OTHER, data={"name": "uploaded"},
                         files={"file": ("me.png", photo.tobytes(), "image/png")})
@@ -212,6 +219,36 @@ def test_a_failed_job_says_why(client):
     assert bad_name.status_code == 400 and "not allowed" in bad_name.json()["detail"]
 
 
+def test_errors_show_no_server_path_and_only_a_short_prefix_of_bad_input(client, avatars_root, tmp_path):
+    server_paths = (str(avatars_root), str(avatars_root.resolve()), str(client.app.state.jobs.uploads),
+                    str(Path(tempfile.gettempdir())))
+    long_name = "x" * 100_000
+    replies = [
+        client.post("/api/avatars", headers=DEFAULT, data={"name": long_name},
+                    files={"file": ("a.png", b"x", "image/png")}),
+        client.post("/api/sessions", json={"avatar": long_name}, headers=DEFAULT),
+        client.get(f"/api/sessions/{'s' * 5000}/stats", headers=DEFAULT),
+        client.get(f"/api/jobs/{'j' * 5000}", headers=DEFAULT),
+        client.post("/api/sessions", json={"avatar": "nobody"}, headers=OTHER),  # its folder is a server path
+        client.delete("/api/avatars/nobody", headers=DEFAULT),
+    ]
+    for reply in replies:
+        detail = reply.json()["detail"]
+        assert 400 <= reply.status_code < 500 and len(detail) < 400, (reply.status_code, detail[:500])
+        assert not any(path in detail for path in server_paths), detail
+    sid = new_session(client)["id"]
+    upload = client.post(f"/api/sessions/{sid}/audio", headers=DEFAULT,
+                         files={"file": ("y" * 900 + ".wav", b"not audio", "audio/wav")})
+    assert upload.status_code == 400 and len(upload.json()["detail"]) < 400
+    job = client.post("/api/avatars", headers=DEFAULT, data={"name": "broken"},
+                      files={"file": ("z" * 900 + ".png", b"not a picture", "image/png")}).json()["job"]
+    while job["status"] not in ("done", "failed"):
+        time.sleep(0.1)
+        job = client.get(f"/api/jobs/{job['id']}", headers=DEFAULT).json()
+    assert job["status"] == "failed" and "cannot read image zzz" in job["error"] and len(job["error"]) < 400
+    assert not any(path in job["error"] for path in server_paths), job["error"]
+
+
 def test_serve_without_the_weights_of_the_engine_asked_for_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LIPSTREAM_CONFIG", raising=False)
     assert main(["serve", "--engine", "musetalk", "--models-root", str(tmp_path)]) == 1
@@ -225,10 +262,12 @@ def test_page_url_reaches_a_local_browser():
 
 
 def test_the_engine_named_in_the_settings_loads_in_the_background(avatars_root):
-    client = start(create_app(server_settings(avatars_root, engine="warp")))
+    client = start(create_app(server_settings(avatars_root, engine="warp", sharpen="false")))
     try:
         body = client.get("/ready", headers=DEFAULT).json()
         assert body["engine"] == "warp" and "asked for" in body["reason"]
+        sid = new_session(client)["id"]  # the setting sharpen reaches the sessions' compositor
+        assert client.app.state.sessions.get(sid, "").session.compositor.sharpen is False
     finally:
         client.__exit__(None, None, None)
 
@@ -243,19 +282,21 @@ def test_an_engine_that_cannot_load_leaves_health_up_and_ready_saying_why(avatar
         assert client.get("/health").status_code == 200
         refused = client.post("/api/sessions", json={"avatar": "astronaut"}, headers=DEFAULT)
         assert refused.status_code == 503 and refused.json()["error"] == "NotReadyError"
+        for text in (reply.text, refused.text):  # why, without the server's paths
+            assert "<models>" in text and str(avatars_root) not in text, text
 
 
 def test_audio_files_are_recognised_and_a_long_file_fits_an_empty_queue(client):
     """A WAV/MP3 body without a Content-Type is decoded as a file, not played as PCM; raw PCM stays
     PCM; a file longer than the queue bound (3 s here) but within max_audio_seconds (5 s) is accepted."""
     audio = f"/api/sessions/{new_session(client)['id']}/audio"
-    wav = wav_bytes(speech_like(4.0))
+    wav = wav_bytes(speech(4.0))
     for headers in (DEFAULT, {**DEFAULT, "Content-Type": "application/octet-stream"}):
         reply = client.post(audio, content=wav, headers=headers)
         assert reply.status_code == 200, reply.text
         assert reply.json()["samples"] == 4 * SR, "decoded as a WAV file, header not played as PCM"
         client.post(f"{audio.rsplit('/', 1)[0]}/interrupt", headers=DEFAULT)
-    pcm = pcm16(speech_like(0.5))
+    pcm = pcm16(speech(0.5))
     assert client.post(audio, content=pcm, headers=DEFAULT).json()["samples"] == len(pcm) // 2
 
 
@@ -276,6 +317,6 @@ def test_an_avatar_name_being_prepared_is_refused_before_the_upload_is_stored(cl
         reply = client.post("/api/avatars", headers=OTHER, data={"name": "busy"},
                             files={"file": ("me.png", b"\x89PNG not stored", "image/png")})
         assert reply.status_code == 409 and "being prepared" in reply.json()["detail"]
-        assert not any(jobs._uploads.iterdir()), "the upload was not stored"
+        assert not any(jobs.uploads.iterdir()), "the upload was not stored"
     finally:
         jobs._pending.discard(("other", "busy"))

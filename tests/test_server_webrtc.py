@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -15,21 +16,24 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from lipstream.avatar.model import Avatar
 from lipstream.engines.warp import WarpEngine
+from lipstream.media.encoding import EncodingPool
 from lipstream.server.app import create_app
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
 from lipstream.server.webrtc import SessionFeed
 from lipstream.stream.clock import MediaClock
 from lipstream.stream.scheduler import Scheduler
 from lipstream.stream.session import Session
-from server_helpers import LiveServer, pcm16, server_settings, speech_like, store_avatar, warp_server
+from lipstream.synthetic import speech
+from server_helpers import LiveServer, narrow_avatar, pcm16, server_settings, store_avatar, warp_server
 
 KEY = {"Authorization": "Bearer k-default"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with warp_server(tmp_path_factory.mktemp("avatars"), output_height=128) as server:
+    root = tmp_path_factory.mktemp("avatars")
+    store_avatar(root, "narrow", avatar=narrow_avatar())
+    with warp_server(root, output_height=128) as server:
         yield server
 
 
@@ -69,9 +73,9 @@ def test_video_audio_and_events_over_webrtc(server):
         assert set(tracks) == {"video", "audio"}
         first = await asyncio.wait_for(tracks["video"].recv(), 15)
         began = time.monotonic()
-        speech = pcm16(speech_like(1.0))
-        for start in range(0, len(speech), 640):
-            channel.send(speech[start:start + 640])
+        pcm = pcm16(speech(1.0))
+        for start in range(0, len(pcm), 640):
+            channel.send(pcm[start:start + 640])
         channel.send(json.dumps({"type": "end"}))
         channel.send("not json")
         audio = []
@@ -109,6 +113,32 @@ def test_video_audio_and_events_over_webrtc(server):
     while httpx.get(f"{server.url}/api/sessions/{sid}/stats", headers=KEY).status_code != 404:
         assert time.monotonic() < deadline, "hanging up did not close the session"
         time.sleep(0.1)
+
+
+def test_the_video_track_goes_on_at_the_new_size_when_the_avatar_changes(server):
+    """A data channel message switches to an avatar of another size: the same track goes on (its
+    timestamps too), at the new size, after the "avatar_changed" event that says so."""
+    sid = new_session(server)
+
+    async def call() -> tuple[list, list]:
+        pc, tracks, messages, opened = await connect(server, sid)
+        channel = await asyncio.wait_for(opened.get(), 15)
+        video = [await asyncio.wait_for(tracks["video"].recv(), 15)]
+        channel.send(json.dumps({"type": "avatar", "avatar": "narrow"}))
+        began = time.monotonic()
+        while (video[-1].width, video[-1].height) != (100, 128) and time.monotonic() - began < 10:
+            video.append(await asyncio.wait_for(tracks["video"].recv(), 5))
+        for _ in range(5):
+            video.append(await asyncio.wait_for(tracks["video"].recv(), 5))
+        await pc.close()
+        return video, [json.loads(m) for m in messages]
+
+    video, messages = asyncio.run(call())
+    sizes = [(f.width, f.height) for f in video]
+    assert sizes[0] == (128, 128) and sizes[-6:] == [(100, 128)] * 6, sizes
+    assert all(b.pts > a.pts for a, b in itertools.pairwise(video)), "one clock before and after"
+    changed = [m for m in messages if m["type"] == "avatar_changed"]
+    assert [(m["avatar"], m["width"], m["height"]) for m in changed] == [("narrow", 100, 128)]
 
 
 def test_bad_offers_are_refused_and_the_session_stays_usable(server):
@@ -168,7 +198,8 @@ def test_audio_and_video_timestamps_share_one_clock():
         scheduler.start()
         session = Session(avatar, scheduler.engine, scheduler, fps=fps, clock=clock)
         encoding = EncodingPool(1)
-        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0), encoding)
+        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0),
+                           SimpleNamespace(encoding=encoding))
         checks = []
         for k in range(fps * 300):
             now[0] = clock.due(k)

@@ -16,8 +16,9 @@ from fastapi.testclient import TestClient
 from lipstream.engines.warp import WarpEngine
 from lipstream.server import wire
 from lipstream.server.app import create_app
+from lipstream.synthetic import speech
 from musetalk_tiny import write_tiny_musetalk
-from server_helpers import pcm16, server_settings, speech_like, store_avatar
+from server_helpers import narrow_avatar, pcm16, server_settings, store_avatar
 
 FPS = 25
 
@@ -26,6 +27,8 @@ FPS = 25
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("avatars")
     store_avatar(root)
+    store_avatar(root, "narrow", avatar=narrow_avatar())
+    store_avatar(root, "elsewhere", tenant="other")
     app = create_app(server_settings(root, jpeg_quality=90), engine=WarpEngine())
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
@@ -60,13 +63,13 @@ def test_wire_frame_round_trip():
 
 def test_speech_in_frames_audio_and_events_out(client):
     sid = session(client, output_height=256)
-    speech = pcm16(speech_like(1.2))
+    pcm = pcm16(speech(1.2))
     with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
         hello = json.loads(receive(ws))
         assert hello == {"type": "hello", "session": sid, "avatar": "astronaut", "fps": FPS, "width": 256,
                          "height": 256, "sample_rate": 16000, "format": "LSF1"}
-        for start in range(0, len(speech), 640):  # 20 ms chunks
-            ws.send_bytes(speech[start:start + 640])
+        for start in range(0, len(pcm), 640):  # 20 ms chunks
+            ws.send_bytes(pcm[start:start + 640])
         ws.send_text(json.dumps({"type": "end"}))
         frames, events = [], []
         while not (events and events[-1]["type"] == "speech_ended" and frames[-1].index == events[-1]["index"]):
@@ -84,7 +87,7 @@ def test_speech_in_frames_audio_and_events_out(client):
     assert all(f.speaking for f in frames[started:ended]) and not any(f.speaking for f in frames[ended:])
     assert not any(f.speaking for f in frames[:started])
     spoken = np.concatenate([f.audio for f in frames[started:ended]])
-    pushed = np.frombuffer(speech, "<i2")
+    pushed = np.frombuffer(pcm, "<i2")
     assert np.array_equal(spoken[:pushed.size], pushed), "the frames carry exactly the audio pushed"
     assert not spoken[pushed.size:].any()
     images = [cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR) for f in frames]
@@ -120,7 +123,7 @@ def test_interrupt_over_the_websocket(client):
     sid = session(client)
     with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
         receive(ws)
-        ws.send_bytes(pcm16(speech_like(3.0)))
+        ws.send_bytes(pcm16(speech(3.0)))
         message = None
         while not (isinstance(message, wire.WireFrame) and message.speaking):
             message = receive(ws)
@@ -192,7 +195,7 @@ def test_a_musetalk_server_speaks_over_the_websocket(tmp_path, device):
         sid = session(client)
         with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
             receive(ws)
-            ws.send_bytes(pcm16(speech_like(1.0)))
+            ws.send_bytes(pcm16(speech(1.0)))
             ws.send_text(json.dumps({"type": "end"}))
             events, frames = [], []
             while "speech_ended" not in events:
@@ -214,9 +217,8 @@ def test_jpeg_encoder_choice_on_the_cpu():
 
     from lipstream.config import Settings
     from lipstream.errors import SettingsError
-    from lipstream.media.jpeg import encode_jpeg_cuda, nvjpeg_available
+    from lipstream.media.encoding import encode_jpeg_cuda, frame_jpeg, nvjpeg_available
     from lipstream.server.app import create_app
-    from lipstream.server.websocket import frame_jpeg
 
     frame = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     for encoder in ("auto", "opencv", "nvjpeg"):
@@ -233,8 +235,7 @@ def test_jpeg_encoder_choice_on_the_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_frames_decode_close_to_the_opencv_ones():
 
-    from lipstream.media.jpeg import nvjpeg_available
-    from lipstream.server.websocket import frame_jpeg
+    from lipstream.media.encoding import frame_jpeg, nvjpeg_available
 
     if not nvjpeg_available():
         pytest.skip("torchvision with nvJPEG is not installed")
@@ -243,3 +244,40 @@ def test_nvjpeg_frames_decode_close_to_the_opencv_ones():
     cpu = cv2.imdecode(np.frombuffer(frame_jpeg(frame, 180, 95, "opencv"), np.uint8), 1)
     assert gpu.shape == cpu.shape == (180, 320, 3)
     assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 3
+
+
+def test_the_avatar_changes_at_the_next_frame_over_rest_or_a_message_without_dropping_the_connection(client):
+    """Over REST or the WebSocket's own message: an "avatar_changed" event with the new streamed size, then
+    frames of that size, the frame indices going on. An unknown or another tenant's avatar is refused
+    (404, or an error message) and the session goes on as it was."""
+    sid = session(client, output_height=256)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default") as ws:
+        assert json.loads(receive(ws))["width"] == 256
+        first = receive(ws)
+        changed = client.post(f"/api/sessions/{sid}/avatar?key=k-default", json={"avatar": "narrow"})
+        assert changed.status_code == 200, changed.text
+        assert (changed.json()["avatar"], changed.json()["width"], changed.json()["height"]) == ("narrow", 200, 256)
+        for wrong, key in (("nobody", "k-default"), ("elsewhere", "k-default"), ("narrow", "k-other")):
+            assert client.post(f"/api/sessions/{sid}/avatar?key={key}", json={"avatar": wrong}).status_code == 404
+        last = first
+        while not isinstance(message := receive(ws), str):
+            last = message
+        event = json.loads(message)
+        assert (event["type"], event["avatar"], event["width"], event["height"]) == ("avatar_changed", "narrow",
+                                                                                   200, 256)
+        frame = receive(ws)
+        assert frame.index == event["index"] == last.index + 1 > first.index
+        assert cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (256, 200, 3)
+        ws.send_text(json.dumps({"type": "avatar", "avatar": "nobody"}))
+        ws.send_text(json.dumps({"type": "avatar", "avatar": "astronaut"}))
+        texts = []
+        while len(texts) < 2:
+            if isinstance(message := receive(ws), str):
+                texts.append(json.loads(message))
+        assert texts[0]["type"] == "error" and texts[0]["code"] == "AvatarNotFoundError"
+        assert (texts[1]["type"], texts[1]["avatar"], texts[1]["width"]) == ("avatar_changed", "astronaut", 256)
+        frame = receive(ws)
+        assert cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (256, 256, 3)
+    stats = client.get(f"/api/sessions/{sid}/stats?key=k-default")
+    assert stats.status_code == 404, "the session closed with its viewer, as always"
+

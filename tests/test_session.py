@@ -12,11 +12,15 @@ import weakref
 import numpy as np
 import pytest
 
+from lipstream.audio.buffer import PcmBuffer
+from lipstream.engines.warp import WarpEngine
 from lipstream.errors import LipstreamError, QueueFullError, SessionClosedError
 from lipstream.metrics import ACTIVE_SESSIONS
 from lipstream.stream.clock import MediaClock
-from lipstream.stream.pcm import PcmBuffer, to_pcm16
+from lipstream.stream.compositor import Compositor
+from lipstream.stream.pcm import to_pcm16
 from lipstream.stream.scheduler import Scheduler
+from lipstream.synthetic import moving_avatar
 from stream_helpers import (
     CYCLE,
     CountingWarp,
@@ -88,6 +92,9 @@ def test_pcm_buffer_reads_by_absolute_position_and_releases():
     assert np.array_equal(buffer.read(data.size - 2, data.size + 3), [*data[-2:], 0, 0, 0])
     with pytest.raises(ValueError, match="released"):
         buffer.read(14999, 15001)
+    floats = PcmBuffer(np.float32)  # the feature streams hold float samples
+    floats.append(np.float32([0.25, -0.5]))
+    assert floats.read(1, 3).tolist() == [-0.5, 0.0]
     assert np.array_equal(to_pcm16(np.float32([0.5, -1.0, 1.0])), [16384, -32768, 32767])
     with pytest.raises(ValueError, match="int16 or float32"):
         to_pcm16(np.zeros((2, 3), np.int16))
@@ -173,9 +180,36 @@ async def test_speech_shows_in_the_face_box_in_sync_with_its_audio(scheduler):
     await session.aclose()
 
 
-async def test_silence_inside_speech_shows_the_avatar_frame_while_the_audio_plays(scheduler):
+async def test_switching_the_avatar_mid_speech_keeps_the_clock_and_the_speech(scheduler):
+    """The next frame shows the new avatar (another size, another cycle length): frame indices, pts and
+    the utterance's audio go on untouched, its faces are now made for the new avatar."""
     now = FakeNow()
     session = make_session(scheduler.engine, scheduler, now)
+    other = moving_avatar((160, 288), (100, 24, 180, 124), 3, name="other")
+    audio = voiced_speech(1.0, seed=4)
+    frames = [await step(session, now) for _ in range(3)]
+    session.push_audio(audio)
+    session.end_speech()
+    frames += [await step(session, now) for _ in range(10)]
+    assert frames[-1].speaking, "the switch comes in the middle of the utterance"
+    session.switch_avatar(other, Compositor(other), WarpEngine().material(other))
+    frames += [await step(session, now) for _ in range(30)]
+    assert [f.index for f in frames] == list(range(43)) and frames[13].events == ["avatar_changed"]
+    assert all(f.avatar == "test" and f.image.shape == (144, 256, 3) for f in frames[:13])
+    assert all(f.avatar == "other" and f.image.shape == (160, 288, 3) and f.cycle < 3 for f in frames[13:])
+    speaking = [f for f in frames if f.speaking]
+    assert len(speaking) == 25 and np.array_equal(np.concatenate([f.audio for f in speaking]), audio)
+    for frame in frames[13:]:
+        own = np.array_equal(frame.image, other.frames[frame.cycle])
+        assert own != frame.speaking, "speech shows generated faces, idle frames the new avatar's own"
+    stats = session.stats()
+    assert stats["avatar"] == "other" and stats["avatar_changes"] == 1 and stats["dropped_frames"] == 0
+    await session.aclose()
+
+
+async def test_silence_inside_speech_shows_the_avatar_frame_while_the_audio_plays(scheduler):
+    now = FakeNow()
+    session = make_session(scheduler.engine, scheduler, now, hangover_frames=2)  # (default: the engine's)
     loud = voiced_speech(0.4, seed=3)
     audio = np.concatenate([loud, np.zeros(16000, np.int16), loud])  # 10 + 25 + 10 frames
     session.push_audio(audio)

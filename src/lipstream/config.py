@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipstream.avatar.layout import clean_tenant
+from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AvatarNameError, SettingsError
 
 ENV_PREFIX = "LIPSTREAM_"
@@ -40,7 +41,7 @@ class Settings(BaseModel):
                                             '"cuda:1"')
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description='engine precision; "auto": float16 on CUDA, float32 on the CPU')
-    engine: Literal["auto", "musetalk", "warp"] = Field(
+    engine: Literal[ENGINE_NAMES] = Field(
         "auto", description='lip-sync engine; "auto": MuseTalk when its weights are present, else warp')
     models_root: Path = Field(Path("./models"), json_schema_extra={"env": "LIPSTREAM_MODELS"},
                               description="folder of the MuseTalk weights (MuseTalk's own layout)")
@@ -50,6 +51,9 @@ class Settings(BaseModel):
     fps: int = Field(25, ge=1, le=50, description="default frame rate of a session's video")
     output_height: int = Field(0, ge=0, description="scale streamed frames to this height (width keeps the "
                                                     "aspect ratio), at least 16; 0: the avatar's own size")
+    sharpen: bool = Field(True, description="unsharp mask on the generated face before it is blended in: this "
+                                            "system's addition, not MuseTalk's (false: MuseTalk's own "
+                                            "composition, resize and blend only)")
     compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
         "none", description='torch.compile for MuseTalk: "reduce-overhead" adds CUDA graphs; batches are padded '
                             "to powers of two, each compiled at start (minutes)")
@@ -211,7 +215,7 @@ def _metavar(name: str) -> str:
         return "K=V,..."
     if get_origin(annotation) is list:
         return "A,B,..."
-    return {str: "TEXT", int: "N", float: "NUM", Path: "DIR"}[annotation]
+    return {str: "TEXT", int: "N", float: "NUM", Path: "DIR", bool: "{true,false}"}[annotation]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -227,6 +231,8 @@ def _default_text(name: str) -> str:
         return f"`{default.as_posix() if default.is_absolute() else './' + default.as_posix()}`"
     if default in ({}, []):
         return "(empty)"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
     return f"`{default}`"
 
 
@@ -238,7 +244,7 @@ def _type_text(name: str) -> str:
         return "mapping"
     if get_origin(annotation) is list:
         return "list"
-    return {str: "text", int: "integer", float: "number", Path: "path"}[annotation]
+    return {str: "text", int: "integer", float: "number", Path: "path", bool: "boolean"}[annotation]
 
 
 def settings_table() -> str:

@@ -16,12 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from lipstream.errors import TextToSpeechError
-from lipstream.stream.render_cli import add_engine_arguments
+from lipstream.stream.render_cli import add_engine_arguments, add_sharpen_argument
 
 if TYPE_CHECKING:
+    from lipstream.audio.load import AudioClip
     from lipstream.avatar.model import Avatar
 
 SAMPLE_AVATAR = "demo-astronaut"
@@ -33,12 +32,12 @@ ESPEAK_VOICE = "en-us"
 ESPEAK_TIMEOUT_S = 60
 
 
-def synthesize_speech(text: str, voice: str = ESPEAK_VOICE) -> np.ndarray:
-    """`text` spoken by espeak-ng -> float32 [N] 16 kHz mono (its 22.05 kHz WAV through `load_audio`).
+def synthesize_speech(text: str, voice: str = ESPEAK_VOICE) -> AudioClip:
+    """`text` spoken by espeak-ng: its WAV (22.05 kHz mono) decoded by `load_clip`.
 
     Raises TextToSpeechError when espeak-ng is not installed (saying how to install it, or to give
     an audio file instead), when it fails, or when the text is empty."""
-    from lipstream.audio.load import load_audio
+    from lipstream.audio.load import load_clip
 
     if not text.strip():
         raise TextToSpeechError("the text to speak is empty; give some words with --text, or an audio file")
@@ -57,7 +56,7 @@ def synthesize_speech(text: str, voice: str = ESPEAK_VOICE) -> np.ndarray:
         message = done.stderr.decode(errors="replace").strip() or f"exit code {done.returncode}"
         raise TextToSpeechError(f"{ESPEAK} failed ({message}); check the voice {voice!r} "
                                 "or give your own speech with --audio FILE")
-    return load_audio(done.stdout, name=f"{ESPEAK}'s speech")
+    return load_clip(done.stdout, name=f"{ESPEAK}'s speech")
 
 
 def sample_avatar(root: str | Path | None = None, models_root: str | Path | None = None,
@@ -69,8 +68,8 @@ def sample_avatar(root: str | Path | None = None, models_root: str | Path | None
 
     from lipstream.avatar.prepare import prepare_avatar
     from lipstream.avatar.store import load_avatar
-    from lipstream.bench.scene import astronaut_bgr
     from lipstream.errors import AvatarCorruptError, AvatarNotFoundError
+    from lipstream.synthetic import astronaut_bgr
 
     try:
         return load_avatar(SAMPLE_AVATAR, root=root), False
@@ -98,20 +97,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="then run the server with the sample avatar and print its URL")
     parser.add_argument("--port", type=int, help="the server's port with --serve (default 2160)")
     add_engine_arguments(parser)
+    add_sharpen_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lipstream.audio.load import load_audio
+    from lipstream.audio.load import load_clip
     from lipstream.engines.select import load_engine
     from lipstream.media.output import output_kind
     from lipstream.stream.render import check_render_audio, render
 
     if args.audio:
-        audio = load_audio(args.audio)
+        clip = load_clip(args.audio)
     else:
         print(f"speech: {ESPEAK} ({ESPEAK_VOICE}) says {args.text!r}", flush=True)
-        audio = synthesize_speech(args.text)
+        clip = synthesize_speech(args.text)
+    audio = clip.mono_16k()
     check_render_audio(audio, 25)
     output_kind(args.output)
     avatar, prepared = sample_avatar(args.avatars, args.models, args.device)
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
           f"from {PHOTO_CREDIT}", flush=True)
     engine, reason = load_engine(args.engine, models_root=args.models, device=args.device)
     print(reason, flush=True)
-    result = render(avatar, engine, audio, args.output, fps=25)
+    result = render(avatar, engine, audio, args.output, fps=25, soundtrack=clip, sharpen=args.sharpen)
     print(f"wrote {result.path}: {result.frames} frames ({result.frames / 25:.2f} s) in {result.seconds:.1f} s",
           flush=True)
     if args.serve:
@@ -133,6 +134,7 @@ def serve(args: argparse.Namespace) -> int:
     from lipstream.server.serve import run_server
 
     settings = load_settings(flags={"port": args.port, "engine": args.engine, "device": args.device,
-                                    "avatars_root": args.avatars, "models_root": args.models})
+                                    "avatars_root": args.avatars, "models_root": args.models,
+                                    "sharpen": args.sharpen})
     print(f"serving: pick the avatar {SAMPLE_AVATAR!r} on the page below", flush=True)
     return run_server(settings)

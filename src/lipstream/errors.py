@@ -9,6 +9,18 @@ class LipstreamError(Exception):
     """Base class of every error a user of lipstream can cause."""
 
 
+def shorten(text: object, limit: int = 60) -> str:
+    """`text` cut to at most `limit` characters ("..." ends a cut one): how messages and records quote
+    what a user gave (a name, an id, a file name), however long it was."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def excerpt(text: object, limit: int = 60) -> str:
+    """`shorten(text, limit)` in quotes, for a message that echoes user input."""
+    return repr(shorten(text, limit))
+
+
 class AudioError(LipstreamError):
     """Base class of the audio input errors."""
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import WhisperFeatureExtractor
 
-SAMPLE_RATE = 16000
+from lipstream.audio.load import SAMPLE_RATE
+
 STEP_RATE = 50  # whisper encoder steps per second
 STEP_SAMPLES = SAMPLE_RATE // STEP_RATE  # 320 samples = 20 ms per step
 SEGMENT_SAMPLES = 480_000  # 30 s: the only input length the Whisper encoder accepts

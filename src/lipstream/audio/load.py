@@ -6,7 +6,10 @@ normalised), which is what MuseTalk gets from `librosa.load(path, sr=16000)`:
 - the rate is converted with soxr at "HQ" quality (librosa's default `soxr_hq`), and the length is
   then fixed to `ceil(n * 16000 / rate)` samples as librosa does (live chunks, `PcmStream`: with
   libswresample, for its low delay).
-No VAD, no loudness normalisation: silence is valid audio (see `rms_dbfs`)."""
+No VAD, no loudness normalisation: silence is valid audio (see `rms_dbfs`).
+
+`load_clip` keeps the input as it is instead (its channels and rate), for outputs that carry the
+input's own sound (a render's MP4); `AudioClip.mono_16k()` is then what `load_audio` returns."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import functools
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -26,12 +30,29 @@ from lipstream.errors import (
     AudioTooLongError,
     EmptyAudioError,
     NoAudioStreamError,
+    shorten,
 )
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # the rate of all audio inside lipstream (MuseTalk's, whisper's)
 SOXR_QUALITY = "HQ"
 
 AudioSource = str | os.PathLike | bytes
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """Decoded audio as the input holds it: samples float32 [channels, n] in [-1, 1] at `rate` Hz."""
+
+    samples: np.ndarray
+    rate: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[0])
+
+    def mono_16k(self) -> np.ndarray:
+        """float32 [N] at 16 kHz, mono: the channels' mean (librosa's downmix), resampled (`resample_to_16k`)."""
+        return resample_to_16k(self.samples.mean(axis=0, dtype=np.float32), self.rate)
 
 
 def load_audio(source: AudioSource, *, max_seconds: float | None = None,
@@ -43,7 +64,13 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None,
     to the path, or "<N bytes>").
     Returns float32 [N] at 16 kHz, mono, range [-1, 1].
     Raises AudioNotFoundError, AudioDecodeError, NoAudioStreamError, EmptyAudioError, AudioTooLongError."""
-    label = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
+    return load_clip(source, max_seconds=max_seconds, name=name).mono_16k()
+
+
+def load_clip(source: AudioSource, *, max_seconds: float | None = None, name: str | None = None) -> AudioClip:
+    """`load_audio`'s input as it is: its first audio stream's channels at its own rate (the rate and
+    channel layout of its first frame). Same arguments and errors as `load_audio`."""
+    label = shorten(name, 80) if name else (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
     if isinstance(source, bytes):
         if not source:
             raise EmptyAudioError(f"audio {label} is empty (0 bytes); send a non-empty audio file")
@@ -56,19 +83,19 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None,
             raise EmptyAudioError(f"audio file {label} is empty (0 bytes); give a non-empty audio file")
         file = str(path)
     try:
-        mono, rate = _decode_mono(file, label, max_seconds)
+        clip = _decode(file, label, max_seconds)
     except av.error.FFmpegError as exc:
         raise AudioDecodeError(
             f"cannot decode audio {label}: {exc.strerror or exc}; "
             "give a valid audio file (WAV, MP3, OGG, FLAC, M4A...)"
         ) from exc
-    if mono.size == 0:
+    if clip.samples.shape[1] == 0:
         raise EmptyAudioError(f"audio {label} has an audio stream but 0 samples; give audio with sound in it")
-    return resample_to_16k(mono, rate)
+    return clip
 
 
-def _decode_mono(file: str | io.BytesIO, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream. Returns (float32 [n] mono at the stream's rate, rate)."""
+def _decode(file: str | io.BytesIO, label: str, max_seconds: float | None) -> AudioClip:
+    """Decode the first audio stream as float32 [channels, n] at its first frame's rate and layout."""
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
             found = ", ".join(f"{s.type} ({s.codec_context.name})" for s in container.streams) or "nothing"
@@ -91,18 +118,17 @@ def _decode_mono(file: str | io.BytesIO, label: str, max_seconds: float | None) 
                 if max_seconds is not None:
                     max_samples = max_seconds * rate
             for converted in resampler.resample(frame):
-                piece = converted.to_ndarray().mean(axis=0, dtype=np.float32)  # [channels, n] -> [n]
+                piece = converted.to_ndarray()  # float32 [channels, n]
                 pieces.append(piece)
-                total += piece.size
+                total += piece.shape[1]
             if total > max_samples:
                 raise _too_long(label, max_seconds)
         if resampler is not None:
-            for converted in resampler.resample(None):
-                pieces.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
-    mono = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-    if mono.size > max_samples:
+            pieces += [converted.to_ndarray() for converted in resampler.resample(None)]
+    samples = np.concatenate(pieces, axis=1) if pieces else np.zeros((1, 0), np.float32)
+    if samples.shape[1] > max_samples:
         raise _too_long(label, max_seconds)
-    return mono, rate
+    return AudioClip(np.ascontiguousarray(samples, dtype=np.float32), rate)
 
 
 def _too_long(label: str, max_seconds: float | None) -> AudioTooLongError:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers import WhisperFeatureExtractor
 
+from lipstream.audio.buffer import PcmBuffer
 from lipstream.audio.features import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
@@ -100,8 +101,7 @@ class StreamingFeatures:
 
     def reset(self) -> None:
         """Forget all audio and start a new stream at frame 0."""
-        self._audio = np.zeros(0, np.float32)  # samples [_audio_start, _received)
-        self._audio_start = 0
+        self._audio = PcmBuffer(np.float32)  # what later passes still need of the samples received
         self._received = 0
         self._frames_emitted = 0
         self._flushed = False
@@ -125,7 +125,7 @@ class StreamingFeatures:
         if self._flushed:
             raise RuntimeError("push() after flush(): call reset() to start a new stream")
         samples = as_float_mono(samples)
-        self._audio = np.concatenate([self._audio, samples])
+        self._audio.append(samples)
         self._received += samples.shape[0]
         return self._emit(self._received - self._received % self.step_samples, final=False)
 
@@ -179,7 +179,7 @@ class StreamingFeatures:
         stop = min(end, -(-end_step // SEGMENT_STEPS) * SEGMENT_SAMPLES)
         keep = max(base, self._context_start(first, end))
         audio = np.zeros(stop - base, np.float32)
-        audio[keep - base:] = self._audio[keep - self._audio_start:stop - self._audio_start]
+        audio[keep - base:] = self._audio.read(keep, stop)
         return offset, self._run_encoder(audio)[:num_whisper_steps(end) - offset]
 
     def _run_encoder(self, audio: np.ndarray) -> torch.Tensor:
@@ -193,6 +193,4 @@ class StreamingFeatures:
         return steps
 
     def _drop_before(self, sample: int) -> None:
-        if sample > self._audio_start:
-            self._audio = self._audio[sample - self._audio_start:]
-            self._audio_start = sample
+        self._audio.release(sample)

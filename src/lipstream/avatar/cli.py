@@ -8,12 +8,11 @@ import argparse
 import sys
 import time
 
+from lipstream.avatar import DEFAULT_MAX_SECONDS
 from lipstream.avatar.layout import AVATARS_ENV
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from lipstream.avatar.prepare import DEFAULT_MAX_SECONDS
-
     avatars = subparsers.add_parser("avatars", help="prepare, list, show, delete or import avatars")
     sub = avatars.add_subparsers(dest="avatars_command", required=True)
 

@@ -24,7 +24,7 @@ import os
 import pickle
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Self
@@ -108,10 +108,13 @@ class FolderWriter:
             else:
                 self.image(f"{folder}/{frame_file(i)}", images[i])
 
-    def finish(self) -> None:
-        """Wait for every queued write (re-raising the first failure), then make the links."""
-        for future in self._pending:
+    def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Wait for every queued write (re-raising the first failure), then make the links.
+        progress(done, total) is called as the queued writes complete."""
+        for done, future in enumerate(self._pending, start=1):
             future.result()
+            if progress is not None:
+                progress(done, len(self._pending))
         self._pending.clear()
         for src, dst in self._links:
             try:
@@ -122,9 +125,11 @@ class FolderWriter:
         self._links.clear()
 
 
-def write_material(writer: FolderWriter, avatar: Avatar, info: dict, manifest: dict, written_frames: int = 0) -> dict:
+def write_material(writer: FolderWriter, avatar: Avatar, info: dict, manifest: dict, written_frames: int = 0,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
     """Queue every file of `avatar` but the first `written_frames` frames, write them all, and return
-    the manifest (`manifest` plus counts and the files' sha256), which is written last."""
+    the manifest (`manifest` plus counts and the files' sha256), which is written last.
+    progress(done, total): the files written so far, as `FolderWriter.finish` reports them."""
     n = len(avatar)
     writer.cycle_images(FULL_IMGS, avatar.frames, written=written_frames)
     writer.cycle_images(MASK_DIR, avatar.masks)
@@ -140,7 +145,7 @@ def write_material(writer: FolderWriter, avatar: Avatar, info: dict, manifest: d
         np.save(buffer, avatar.landmarks.astype(np.float32), allow_pickle=False)
         writer.data(LANDMARKS, buffer.getvalue())
     writer.data(INFO, json.dumps(info).encode())
-    writer.finish()
+    writer.finish(progress)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **manifest, "cycle_frames": n,
                 "frame_size": list(avatar.frame_size), "latents": avatar.latents is not None,
                 "landmarks": avatar.landmarks is not None, "files": dict(sorted(writer.files.items()))}

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from lipstream.errors import AvatarNameError
+from lipstream.errors import AvatarNameError, excerpt
 
 AVATARS_ENV = "LIPSTREAM_AVATARS"
 DEFAULT_ROOT = "./results"
@@ -50,7 +50,7 @@ def clean_name(name: str, what: str = "avatar name") -> str:
     cleaned = str(name).strip()
     if not _NAME.fullmatch(cleaned):
         raise AvatarNameError(
-            f"{what} {name!r} is not allowed: use 1-128 ASCII letters, digits, '-', '_' or '.', "
+            f"{what} {excerpt(name)} is not allowed: use 1-128 ASCII letters, digits, '-', '_' or '.', "
             "not starting with '.'")
     return cleaned
 
@@ -74,5 +74,5 @@ def avatar_dir(name: str, tenant: str | None = None, root: str | os.PathLike | N
     base = tenant_dir(tenant, root)
     path = base / clean_name(name)
     if path.is_symlink() and not path.resolve().is_relative_to(base.resolve()):
-        raise AvatarNameError(f"avatar {name!r} is a link out of {base}; refusing to use it")
+        raise AvatarNameError(f"avatar {excerpt(name)} is a link out of its tenant's avatars folder; refusing to use it")
     return path

@@ -12,15 +12,17 @@ with MediaPipe face-mesh landmarks instead of DWPose + BiSeNet, so no weights ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from lipstream.avatar import DEFAULT_MAX_SECONDS
 from lipstream.avatar.folder import THREADS, FolderWriter, write_material
 from lipstream.avatar.geometry import crop_box_for, crop_face, face_box, nearest_detected
 from lipstream.avatar.landmarks import FaceMesh
@@ -33,9 +35,10 @@ from lipstream.errors import AvatarExistsError, NoFaceError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SECONDS = 30.0  # a 30 s 720p cycle holds ~4 GB of frames in memory
 LATENT_BATCH = 16
-# progress(stage, done, total): stage "frames" or "latents"; total None when not known in advance
+# progress(stage, done, total), stage by stage in this order ("latents" only with the VAE); total is
+# None when not known in advance (a video's frame count may be)
+STAGES = ("frames", "faces", "latents", "saving")
 Progress = Callable[[str, int, int | None], None]
 LATENT_SEED = 0  # the VAE samples its posterior (as MuseTalk caches it): seeded, so re-preparing is reproducible
 
@@ -44,7 +47,8 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
                    tenant: str | None = None, root: str | os.PathLike | None = None, fps: float = 25.0,
                    max_seconds: float | None = DEFAULT_MAX_SECONDS, overwrite: bool = False,
                    latents: bool | None = None, vae=None, models_root: str | os.PathLike | None = None,
-                   device: torch.device | str | None = None, progress: bool | Progress = True) -> Avatar:
+                   device: torch.device | str | None = None, progress: bool | Progress = True,
+                   source_name: str | None = None) -> Avatar:
     """Prepare avatar `name` from exactly one of `video` and `image`, store it and return it.
 
     fps: the rate the cycle plays at (the video's own rate is not used, as in MuseTalk).
@@ -53,12 +57,16 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
       computes them when `vae` is given or the weights are under `models_root`.
     vae: a loaded AutoencoderKL (e.g. `engine.models.vae`); else it is loaded from `models_root`
       onto `device` (default cuda if available).
-    progress: True shows progress bars; a function is called as progress(stage, done, total) instead,
-      stage "frames" (total: the frame count, or None when unknown) then "latents" (total: frames).
+    progress: True shows a progress bar per stage; a function is called as progress(stage, done, total)
+      instead, through every stage of `STAGES` to the end: "frames" (decoding and landmarks; total:
+      the frame count, or None when unknown), "faces" (boxes, blend masks and crops), "latents"
+      (only with the VAE) and "saving" (the files written).
+    source_name: how the avatar's manifest (`avatars list`) and error messages name the video or photo
+      (default: its path; an upload's own file name, not where the server stored it).
     Raises AvatarNameError, AvatarExistsError, AvatarSourceNotFoundError, AvatarSourceUnreadableError,
     AvatarSourceTooLongError, NoFaceError, MissingWeightsError."""
     name, tenant = clean_name(name), clean_tenant(tenant)
-    source = open_source(video=video, image=image, max_seconds=max_seconds)
+    source = open_source(video=video, image=image, max_seconds=max_seconds, label=source_name)
     dest = avatar_dir(name, tenant, root)
     if dest.exists() and not overwrite:
         raise AvatarExistsError(f"avatar {name!r} exists already ({dest}); choose another name, "
@@ -66,18 +74,46 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
     vae = _vae(latents, vae, models_root, device)
     if source.fps and abs(source.fps - fps) > 0.5:
         log.warning("%s plays at %.3g fps; the avatar cycle plays its frames at %g fps (no resampling, as "
-                    "MuseTalk)", source.path, source.fps, fps)
+                    "MuseTalk)", source.label, source.fps, fps)
+    report = _Stages(name, progress)
     with staged_folder(dest, overwrite) as build, FolderWriter(build) as writer:
-        frames, points = _read_and_detect(source, writer, name, progress)
-        avatar = _assemble(name, tenant, frames, points, source, fps)
+        frames, points = _read_and_detect(source, writer, report)
+        avatar = _assemble(name, tenant, frames, points, source, fps, report)
         if vae is not None:
-            avatar.latents = _latents(vae, avatar.crops[: len(avatar) // 2], name, progress)
+            avatar.latents = _latents(vae, avatar.crops[: len(avatar) // 2], report)
         manifest = base_manifest(name, tenant, fps, _describe(source, len(avatar) // 2),
                                  avatar.meta["faceless_frames"])
-        avatar.meta = write_material(writer, avatar, musetalk_info(name, str(source.path)), manifest,
-                                     written_frames=len(avatar) // 2)
+        with report.stage("saving", None, "file") as advance:
+            avatar.meta = write_material(writer, avatar, musetalk_info(name, source.label), manifest,
+                                         written_frames=len(avatar) // 2, progress=advance)
     avatar.path = dest
     return avatar
+
+
+class _Stages:
+    """Progress through `STAGES`: a tqdm bar per stage (progress=True), progress(stage, done, total)
+    calls (a function), or nothing (False)."""
+
+    def __init__(self, name: str, progress: bool | Progress):
+        self.name = name
+        self.progress = progress
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, total: int | None, unit: str) -> Iterator[Callable[..., None]]:
+        """Yields advance(done, total=None): `done` of the stage's `total` (or of a total found later)."""
+        bar = tqdm(total=total, desc=f"{self.name}: {stage}", unit=unit, disable=self.progress is not True)
+
+        def advance(done: int, now_total: int | None = None) -> None:
+            if now_total is not None and bar.total != now_total:
+                bar.total = now_total
+            bar.update(done - bar.n)
+            if callable(self.progress):
+                self.progress(stage, done, bar.total)
+
+        try:
+            yield advance
+        finally:
+            bar.close()
 
 
 def _vae(latents: bool | None, vae, models_root, device):
@@ -128,70 +164,77 @@ class _CycleFrames:
         return out
 
 
-def _read_and_detect(source: FaceSource, writer: FolderWriter, name: str,
-                     progress: bool | Progress) -> tuple[_CycleFrames, list[np.ndarray | None]]:
+def _read_and_detect(source: FaceSource, writer: FolderWriter,
+                     report: _Stages) -> tuple[_CycleFrames, list[np.ndarray | None]]:
     """Decode every frame, queue its PNG, find its landmarks. Returns (frames, landmarks or None each)."""
     frames, points = _CycleFrames(source.frame_count), []
     video = source.kind == "video"
-    with FaceMesh(static=not video, max_faces=1 if video else 4) as mesh:  # one tracked face: no re-detection
-        bar = tqdm(source.frames(), total=source.frame_count, desc=f"{name}: frames", unit="frame",
-                   disable=progress is not True)
-        for i, decoded in enumerate(bar):
+    with (report.stage("frames", source.frame_count, "frame") as advance,  # till the face mesh has closed
+          FaceMesh(static=not video, max_faces=1 if video else 4) as mesh):  # one tracked face: no re-detection
+        for i, decoded in enumerate(source.frames()):
             frame = frames.append(decoded)
             writer.image(f"{FULL_IMGS}/{frame_file(i)}", frame)
             points.append(mesh.detect(frame))
-            if callable(progress):
-                progress("frames", i + 1, source.frame_count)
+            advance(i + 1)
+        advance(frames.count, frames.count)  # the container's estimate may have been off
     return frames, points
 
 
 def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.ndarray | None],
-              source: FaceSource, fps: float) -> Avatar:
+              source: FaceSource, fps: float, report: _Stages) -> Avatar:
     """Boxes, crops and masks of the N source frames, laid out as the 2N-frame cycle."""
-    n = decoded.count
-    frames = decoded.cycle()
-    boxes = [None if p is None else face_box(p, frames.shape[1:3]) for p in points]
-    has_face = [b is not None for b in boxes]
-    if not any(has_face):
-        what = "the photo" if source.kind == "image" else f"any of the {n} frames of the video"
-        raise NoFaceError(f"no face found in {what} {source.path}; use a video or photo that shows one face, "
-                          "frontal, not too small")
-    if not all(has_face):
-        log.warning("%d of %d frames of %s show no face; they take the nearest face frame's box",
-                    n - sum(has_face), n, source.path)
-    owner = nearest_detected(has_face)
-    with ThreadPoolExecutor(THREADS) as pool:  # OpenCV releases the GIL
+    with report.stage("faces", None, "frame") as advance:  # the stage starts with the cycle's copy
+        n = decoded.count
+        frames = decoded.cycle()
+        boxes = [None if p is None else face_box(p, frames.shape[1:3]) for p in points]
+        has_face = [b is not None for b in boxes]
+        if not any(has_face):
+            what = "the photo" if source.kind == "image" else f"any of the {n} frames of the video"
+            raise NoFaceError(f"no face found in {what} {source.label}; use a video or photo that shows one "
+                              "face, frontal, not too small")
+        if not all(has_face):
+            log.warning("%d of %d frames of %s show no face; they take the nearest face frame's box",
+                        n - sum(has_face), n, source.label)
+        owner = nearest_detected(has_face)
         with_face = sorted(set(owner.tolist()))
-        masks = dict(zip(with_face, pool.map(lambda k: blend_mask(points[k], boxes[k], crop_box_for(boxes[k])),
-                                             with_face), strict=True))
-        crops = np.stack(list(pool.map(lambda k: crop_face(frames[k], boxes[owner[k]]), range(n))))
-    cycle = np.concatenate([np.arange(n), np.arange(n)[::-1]])
-    cycle_owner = owner[cycle]
-    face_boxes = np.int32([boxes[k] for k in cycle_owner])
-    crops = crops[cycle]
-    faceless = [i for i, k in enumerate(cycle) if not has_face[k]]
-    return Avatar(name, tenant, None, frames=frames, face_boxes=face_boxes,
-                  crop_boxes=np.int32([crop_box_for(tuple(b)) for b in face_boxes]),
-                  masks=[masks[k] for k in cycle_owner], crops=crops,
-                  landmarks=np.stack([points[k] for k in cycle_owner]).astype(np.float32),
-                  fps=float(fps), meta={"faceless_frames": faceless})
+        advance(0, len(with_face) + n)
+        with ThreadPoolExecutor(THREADS) as pool:  # OpenCV releases the GIL: masks and crops on a few threads
+            masks = {}
+            for k, mask in zip(with_face, pool.map(lambda k: blend_mask(points[k], boxes[k], crop_box_for(boxes[k])),
+                                                   with_face), strict=True):
+                masks[k] = mask
+                advance(len(masks))
+            crops = []
+            for crop in pool.map(lambda k: crop_face(frames[k], boxes[owner[k]]), range(n)):
+                crops.append(crop)
+                advance(len(masks) + len(crops))
+            crops = np.stack(crops)
+        cycle = np.concatenate([np.arange(n), np.arange(n)[::-1]])
+        cycle_owner = owner[cycle]
+        face_boxes = np.int32([boxes[k] for k in cycle_owner])
+        crops = crops[cycle]
+        faceless = [i for i, k in enumerate(cycle) if not has_face[k]]
+        return Avatar(name, tenant, None, frames=frames, face_boxes=face_boxes,
+                      crop_boxes=np.int32([crop_box_for(tuple(b)) for b in face_boxes]),
+                      masks=[masks[k] for k in cycle_owner], crops=crops,
+                      landmarks=np.stack([points[k] for k in cycle_owner]).astype(np.float32),
+                      fps=float(fps), meta={"faceless_frames": faceless})
 
 
-def _latents(vae, crops: np.ndarray, name: str, progress: bool | Progress) -> torch.Tensor:
+def _latents(vae, crops: np.ndarray, report: _Stages) -> torch.Tensor:
     """[N, 8, 32, 32] of the N source crops -> the 2N cycle, fp16 on the CPU (MuseTalk's latents.pt)."""
     from lipstream.models.latents import avatar_latents
 
     generator = torch.Generator(vae.device).manual_seed(LATENT_SEED)
     out = []
-    for start in tqdm(range(0, len(crops), LATENT_BATCH), desc=f"{name}: latents", unit="batch",
-                      disable=progress is not True):
-        out.append(avatar_latents(vae, crops[start:start + LATENT_BATCH], generator=generator,
-                                  batch_size=LATENT_BATCH).to("cpu", torch.float16))
-        if callable(progress):
-            progress("latents", min(start + LATENT_BATCH, len(crops)), len(crops))
+    with report.stage("latents", len(crops), "frame") as advance:
+        for start in range(0, len(crops), LATENT_BATCH):
+            out.append(avatar_latents(vae, crops[start:start + LATENT_BATCH], generator=generator,
+                                      batch_size=LATENT_BATCH).to("cpu", torch.float16))
+            advance(min(start + LATENT_BATCH, len(crops)))
     latents = torch.cat(out)
     return torch.cat([latents, latents.flip(0)])
 
 
 def _describe(source: FaceSource, frames: int) -> dict:
-    return {"kind": source.kind, "path": str(source.path), "frames": frames, "fps": source.fps}
+    return {"kind": source.kind, "path": source.label, "frames": frames, "fps": source.fps}

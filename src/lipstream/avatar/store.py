@@ -30,7 +30,7 @@ from lipstream import __version__
 from lipstream.avatar.folder import FolderWriter, read_folder, read_manifest, write_material
 from lipstream.avatar.layout import FULL_IMGS, LATENTS, avatar_dir, clean_name, clean_tenant, tenant_dir
 from lipstream.avatar.model import Avatar
-from lipstream.errors import AvatarError, AvatarExistsError, AvatarNotFoundError
+from lipstream.errors import AvatarError, AvatarExistsError, AvatarNotFoundError, excerpt
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def load_avatar(ref: AvatarRef, *, tenant: str | None = None, root: str | os.Pat
     folder, name, tenant = _resolve(ref, tenant, root)
     if not folder.is_dir():
         where = f"tenant {tenant!r}" if tenant else "the default tenant"
-        raise AvatarNotFoundError(f"no avatar {str(ref).strip()!r} for {where} ({folder}); "
+        raise AvatarNotFoundError(f"no avatar {excerpt(str(ref).strip())} for {where} ({folder}); "
                                   "see `lipstream avatars list`, or prepare it with `lipstream avatars prepare`")
     return read_folder(folder, name, tenant, verify=verify)
 
@@ -176,7 +176,7 @@ def delete_avatar(name: str, *, tenant: str | None = None, root: str | os.PathLi
     """Delete an avatar's folder (renamed away first, so it disappears at once). Returns the old path."""
     folder = avatar_dir(name, tenant, root)
     if not folder.is_dir():
-        raise AvatarNotFoundError(f"no avatar {name.strip()!r} to delete ({folder})")
+        raise AvatarNotFoundError(f"no avatar {excerpt(name.strip())} to delete ({folder})")
     trash = folder.parent / f".del-{folder.name}-{uuid.uuid4().hex[:8]}"
     os.rename(folder, trash)
     shutil.rmtree(trash)

@@ -1,6 +1,6 @@
 """`lipstream bench audio-streaming`: how far streaming audio features are from offline ones.
 
-On speech (a file, or a synthetic speech-like signal), compare `StreamingFeatures` with
+On speech (a file, or `synthetic.speech`), compare `StreamingFeatures` with
 `audio_features` (offline, MuseTalk's exact path). The first `--lead-seconds` are pushed in one
 chunk (so that every context length has audio to see); the next `--seconds` are pushed in 20 ms
 chunks and measured: relative L2 ||s - o|| / ||o|| over their frames and the worst frame, by context
@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_MS = 20
 
@@ -50,40 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help="MuseTalk models root for --faces (default LIPSTREAM_MODELS)")
 
 
-def speech_like(seconds: float, seed: int = 0, sample_rate: int = 16000) -> np.ndarray:
-    """A speech-like test signal, float32 [N] at `sample_rate`, RMS about 0.1.
-
-    Voiced syllables (harmonics of a gliding f0, shaped by two moving formants, 120-300 ms each,
-    raised-cosine envelopes), unvoiced noise bursts at some onsets, and short pauses."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sample_rate)
-    t = np.arange(n) / sample_rate
-    f0 = 130 + 25 * np.sin(2 * np.pi * 0.7 * t) + 15 * np.sin(2 * np.pi * 2.3 * t + 1.0)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    formant1 = 500 + 250 * np.sin(2 * np.pi * 3.1 * t)
-    formant2 = 1500 + 600 * np.sin(2 * np.pi * 1.9 * t + 0.5)
-    voiced = np.zeros(n)
-    for h in range(1, 30):
-        freq = h * f0
-        gain = np.exp(-((freq - formant1) / 180) ** 2) + 0.6 * np.exp(-((freq - formant2) / 300) ** 2) + 0.02
-        voiced += gain * np.sin(h * phase) / np.sqrt(h)
-    envelope = np.zeros(n)
-    noise = np.zeros(n)
-    pos = int(0.1 * sample_rate)
-    while pos < n:
-        length = int(rng.uniform(0.12, 0.30) * sample_rate)
-        end = min(n, pos + length)
-        envelope[pos:end] = np.sin(np.pi * np.arange(end - pos) / length) ** 2
-        if rng.random() < 0.4:  # a fricative-like burst at the onset
-            burst = min(end - pos, int(0.05 * sample_rate))
-            noise[pos:pos + burst] = np.diff(rng.standard_normal(burst + 1)) * np.hanning(burst)
-        pos = end + int(rng.choice([0.0, 0.02, 0.25], p=[0.5, 0.35, 0.15]) * sample_rate)
-    signal = voiced * envelope + 0.3 * noise + 0.002 * rng.standard_normal(n)
-    return (signal * (0.1 / np.sqrt(np.mean(signal ** 2)))).astype(np.float32)
-
-
 def _start_placement_class():
     """StreamingFeatures with the context moved to the start of the 30 s input (the alternative)."""
+
     from lipstream.audio.features import STEP_SAMPLES, num_whisper_steps
     from lipstream.audio.streaming import StreamingFeatures
 
@@ -95,7 +67,7 @@ def _start_placement_class():
         def _encode(self, first: int, last: int, end: int) -> tuple[int, torch.Tensor]:
             start = self._context_start(first, end)
             offset = start // STEP_SAMPLES
-            audio = self._audio[start - self._audio_start:end - self._audio_start]
+            audio = self._audio.read(start, end)
             return offset, self._run_encoder(audio)[:num_whisper_steps(end) - offset]
 
     return StartPlacement
@@ -106,6 +78,8 @@ def _stream(streamer, audio: np.ndarray, lead: int,
     """Push audio[:lead] at once, the rest in 20 ms chunks, then flush. Returns (features of the
     frames emitted after the lead-in [F, 50, D], the first of those frames, their delay ms from the
     frame's end to the audio position at which they came out, encoder pass seconds)."""
+    import torch
+
     chunk = 16000 * CHUNK_MS // 1000
     if lead:
         streamer.push(audio[:lead])
@@ -134,6 +108,8 @@ def _rel_l2(streamed: torch.Tensor, offline: torch.Tensor) -> tuple[float, float
 
 def _face_difference(engine, streamed: torch.Tensor, offline: torch.Tensor, seed: int) -> dict:
     """Faces from streamed vs offline features [N, 50, 384] with the same latents (random crops)."""
+    import torch
+
     rng = np.random.default_rng(seed)
     crops = rng.integers(0, 256, (streamed.shape[0], 256, 256, 3), dtype=np.uint8)
     latents = engine.avatar_latents(crops, generator=torch.Generator(engine.device).manual_seed(seed))
@@ -143,6 +119,7 @@ def _face_difference(engine, streamed: torch.Tensor, offline: torch.Tensor, seed
 
 
 def _load_models(args: argparse.Namespace):
+    import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -176,6 +153,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     from lipstream.audio import StreamingFeatures, audio_features, load_audio
     from lipstream.audio.streaming import DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_MS, DEFAULT_STEP_MS
     from lipstream.bench.report import format_table, write_results
+    from lipstream.synthetic import speech
 
     encoder, extractor, weights, engine = _load_models(args)
     total_samples = int((args.lead_seconds + args.seconds) * 16000)
@@ -183,7 +161,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         audio = load_audio(args.audio)[:total_samples]
         source = args.audio
     else:
-        audio = speech_like(total_samples / 16000, args.seed)
+        audio = speech(total_samples / 16000, args.seed)
         source = "synthetic speech-like signal"
     lead = min(int(args.lead_seconds * 16000), audio.shape[0])
     offline = audio_features(audio, encoder, extractor, fps=args.fps)

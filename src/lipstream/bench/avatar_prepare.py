@@ -2,7 +2,7 @@
 latents (decode, landmarks, boxes, masks, crops, PNG writing, manifest).
 
 The video: scikit-image's astronaut scaled to the frame height, centred on grey, swaying by +-6 px,
-H.264, 25 fps (`bench.scene.write_face_video`). The target is a preparation faster than the video
+H.264, 25 fps (`synthetic.write_face_video`). The target is a preparation faster than the video
 plays (real-time factor < 1). On a shared machine compare the CPU seconds (all threads of the
 process) as well as the wall time."""
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lipstream.avatar.prepare import prepare_avatar
-    from lipstream.bench.scene import astronaut_bgr, write_face_video
+    from lipstream.synthetic import astronaut_bgr, write_face_video
 
     fps = 25
     rows = []

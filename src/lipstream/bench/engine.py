@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lipstream.bench.report import device_name, format_table, median_ms, write_results
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # names of torch dtypes
 MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
 GPU_BATCHES = [1, 4, 8, 16, 32]
 GPU_VARIANTS = ["eager", "eager+channels_last", "compile", "cudagraphs"]
@@ -48,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Materialise a meta-device module on `device` in `dtype` with N(0, 0.02) values (fast, no init schemes)."""
+    import torch
+
     from lipstream.models.placement import for_inference
 
     module = for_inference(module.to_empty(device=device), device, dtype)
@@ -59,6 +64,7 @@ def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) 
 
 def random_musetalk(device: torch.device, dtype: torch.dtype):
     """Full-size MuseTalk networks with random weights, as `MuseTalkModels` on device/dtype."""
+    import torch
     from diffusers import AutoencoderKL
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
@@ -89,6 +95,8 @@ def _parse_variant(variant: str) -> tuple[str, bool]:
 
 def _timed_first_call(fn, device: torch.device) -> float:
     """Seconds of the first call (compilation included), synchronised."""
+    import torch
+
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
@@ -98,6 +106,8 @@ def _timed_first_call(fn, device: torch.device) -> float:
 
 def _measure(engine, latents: torch.Tensor, audio: torch.Tensor, compiled: bool, reps: int, warmup: int) -> dict:
     """Timings of `engine.faces(latents, audio)`; for eager engines also the UNet and VAE-decode shares."""
+    import torch
+
     models, device = engine.models, engine.device
     row = {}
     if compiled:
@@ -109,12 +119,14 @@ def _measure(engine, latents: torch.Tensor, audio: torch.Tensor, compiled: bool,
             audio_pe = models.positional_encoding(audio)
             pred = models.unet(latents, engine.timestep, audio_pe, return_dict=False)[0]
             row["unet_ms"] = median_ms(lambda: models.unet(latents, engine.timestep, audio_pe), reps, 0, device=device)
-            row["vae_decode_ms"] = median_ms(lambda: models.vae.decode(pred / models.scaling_factor), reps, 0,
+            row["vae_decode_ms"] = median_ms(lambda: models.vae.decode(pred * (1 / models.scaling_factor)), reps, 0,
                                              device=device)
     return row
 
 
 def _engine_rows(models, dtype_name: str, variant: str, batches: list[int], reps: int, warmup: int) -> list[dict]:
+    import torch
+
     from lipstream.engines.musetalk import MuseTalkEngine
 
     mode, channels_last = _parse_variant(variant)
@@ -147,6 +159,8 @@ def _engine_rows(models, dtype_name: str, variant: str, batches: list[int], reps
 
 def _whisper_rows(models, dtype_name: str, reps: int, warmup: int) -> list[dict]:
     """The encoder on one 30 s window ([1, 80, 3000] -> 5 hidden states) and the CPU log-mel front end."""
+    import torch
+
     device = models.device
     frames = 2 * models.whisper_encoder.config.max_source_positions  # 3000 mel frames = 30 s for whisper-tiny
     mel = torch.randn(1, models.whisper_encoder.config.num_mel_bins, frames, device=device, dtype=models.dtype)
@@ -189,6 +203,8 @@ def _verdicts(rows: list[dict], cuda: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from lipstream.models.placement import resolve_device
 
     device = resolve_device(args.device)
@@ -208,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     attention = None
     for name in dtype_names:
         print(f"building full-size networks ({name}) on {device} ...", flush=True)
-        models = random_musetalk(device, DTYPES[name])
+        models = random_musetalk(device, getattr(torch, DTYPES[name]))
         attention = type(next(iter(models.unet.attn_processors.values()))).__name__
         for variant in variants:
             rows += _engine_rows(models, name, variant, batches, reps, warmup)

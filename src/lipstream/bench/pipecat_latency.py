@@ -110,11 +110,11 @@ async def _measure(transport: str, flags: dict, remote: tuple[str, str] | None, 
     from pipecat.pipeline.worker import PipelineWorker
     from pipecat.workers.runner import WorkerRunner
 
-    from lipstream.bench.warp import synthetic_speech
     from lipstream.client import LipstreamClient
     from lipstream.config import load_settings
     from lipstream.integrations.local import LocalSessions
     from lipstream.integrations.pipecat import LipstreamVideoService
+    from lipstream.synthetic import speech
 
     if remote is None:
         service = LipstreamVideoService(avatar="bench", host=LocalSessions(load_settings(flags)))
@@ -148,8 +148,8 @@ async def _measure(transport: str, flags: dict, remote: tuple[str, str] | None, 
     await runner.add_workers(worker)
     running = asyncio.create_task(runner.run())
     step = args.rate * args.chunk_ms // 1000
-    speech = soxr.resample(synthetic_speech(args.utterance_s, seed=7), 16000, args.rate)  # at the TTS's rate
-    pcm = np.round(np.clip(speech, -1, 1) * 32767).astype(np.int16)
+    voice = soxr.resample(speech(args.utterance_s, seed=7), 16000, args.rate)  # at the TTS's rate
+    pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
     ready_to_frame, engine, device = [], None, None
     try:
         async with asyncio.timeout(START_TIMEOUT_S):

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
-import torch
 
-from lipstream import imgproc
-from lipstream.bench import original
+from lipstream.bench import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, interleaved_median_ms, median_ms, write_results
-from lipstream.bench.scene import Scene, astronaut_bgr, make_scene
 
-FRAME_SIZES = {"1080p": ((1080, 1920), (760, 220, 1060, 580)), "720p": ((720, 1280), (500, 150, 700, 390))}
+if TYPE_CHECKING:
+    import torch
+
+    from lipstream.synthetic import Scene
+
 BATCH = 16
 TARGET_CPU_SPEEDUP = 20.0
 TARGET_GPU_MS_PER_FRAME = 0.1
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _batch(frame_hw: tuple[int, int], face_box: tuple[int, int, int, int], photo: np.ndarray) -> list[Scene]:
     """BATCH scenes whose face boxes wander by a few pixels, as detected boxes do frame to frame."""
+    from lipstream.synthetic import make_scene
+
     rng = np.random.default_rng(7)
     scenes = []
     for i in range(BATCH):
@@ -50,6 +53,11 @@ def _batch(frame_hw: tuple[int, int], face_box: tuple[int, int, int, int], photo
 
 def _cpu_rows(name: str, s: Scene, reps: int) -> list[dict]:
     """original vs lipstream NumPy vs lipstream torch-CPU, one frame at a time."""
+    import torch
+
+    from lipstream import imgproc
+    from lipstream.bench import original
+
     resized = original.resize(s.face, s.face_box)
     sharp = original.unsharp(resized)
     h, w = resized.shape[:2]
@@ -90,6 +98,9 @@ def _cpu_rows(name: str, s: Scene, reps: int) -> list[dict]:
 def _numpy_batch_row(name: str, scenes: list[Scene], reps: int) -> dict:
     """The whole pipeline for a NumPy batch (frames composited in parallel, one thread per core), ms per frame,
     against the original on one frame timed in turn with it."""
+    from lipstream import imgproc
+    from lipstream.bench import original
+
     frames = np.stack([s.frame for s in scenes])
     faces = np.stack([s.face for s in scenes])
     work = np.empty_like(frames)
@@ -104,6 +115,10 @@ def _numpy_batch_row(name: str, scenes: list[Scene], reps: int) -> dict:
 
 def _torch_batch_rows(name: str, scenes: list[Scene], base_ms: float, device: torch.device, reps: int) -> list[dict]:
     """The whole pipeline for a batch of BATCH frames on `device`, ms per frame."""
+    import torch
+
+    from lipstream import imgproc
+
     frames_host = torch.from_numpy(np.stack([s.frame for s in scenes]))
     faces = torch.from_numpy(np.stack([s.face for s in scenes])).to(device)
     masks = [torch.from_numpy(s.mask).to(device) for s in scenes]
@@ -135,6 +150,11 @@ def _torch_batch_rows(name: str, scenes: list[Scene], base_ms: float, device: to
 
 
 def run(args: argparse.Namespace) -> int:
+    import cv2
+    import torch
+
+    from lipstream.synthetic import astronaut_bgr, make_scene
+
     if args.threads:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)

@@ -16,8 +16,11 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 RESULTS_DIR = Path(os.environ.get("LIPSTREAM_BENCH_RESULTS", "bench/results"))
 
@@ -27,6 +30,8 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3, device: torc
 
     On a CUDA device each call is bracketed by CUDA events, so queued GPU work is counted and host
     time spent waiting is not mistaken for it."""
+    import torch
+
     for _ in range(warmup):
         fn()
     cuda = device is not None and torch.device(device).type == "cuda"
@@ -67,6 +72,8 @@ def interleaved_median_ms(fns: Sequence[Callable[[], object]], reps: int, warmup
 
 def device_name(device: torch.device | str) -> str:
     """A human name for the device the figures were taken on, e.g. 'NVIDIA H100 80GB HBM3' or the CPU model."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -102,6 +109,8 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
 def write_results(name: str, device: torch.device | str, settings: dict, rows: list[dict],
                   results_dir: Path | None = None) -> Path:
     """Write one benchmark's results as JSON and return the path."""
+    import torch
+
     now = _dt.datetime.now(_dt.UTC)
     dev = device_name(device)
     slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")[:40]

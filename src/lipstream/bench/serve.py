@@ -52,15 +52,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lipstream.bench.postprocess import FRAME_SIZES
+from lipstream.bench import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
+from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import LipstreamError
 
 if TYPE_CHECKING:
     from lipstream.client import LipstreamClient
 
 DEFAULT_CLIENTS = [1, 4, 16, 32]
-ENGINES = ("auto", "warp", "musetalk", "musetalk-random")
+ENGINES = (*ENGINE_NAMES, "musetalk-random")
 CYCLE_FRAMES = 8
 STAT_KEYS = ("speech_frames", "dropped_frames", "stalled_frames", "held_frames", "rebases")
 SERVER_READY_TIMEOUT_S = 300.0
@@ -103,20 +104,10 @@ def bench_avatar(size: str):
     """An 8-frame avatar of the astronaut scene at `size`, the face box moving 2 px a frame. Each frame
     shows its face in its face box, so the avatar can be stored and loaded again (crops are remade
     from the frames then)."""
-    import cv2
+    from lipstream.synthetic import moving_avatar
 
-    from lipstream.avatar.model import Avatar
-    from lipstream.bench.scene import astronaut_bgr, make_scene
-
-    frame_hw, (x1, y1, x2, y2) = FRAME_SIZES[size]
-    photo = astronaut_bgr()
-    scenes = [make_scene(frame_hw, (x1 + 2 * i, y1, x2 + 2 * i, y2), seed=i, photo=photo) for i in range(CYCLE_FRAMES)]
-    for scene in scenes:
-        bx1, by1, bx2, by2 = scene.face_box
-        scene.frame[by1:by2, bx1:bx2] = cv2.resize(scene.face, (bx2 - bx1, by2 - by1), interpolation=cv2.INTER_AREA)
-    return Avatar("bench", "", None, frames=np.stack([s.frame for s in scenes]),
-                  face_boxes=np.int32([s.face_box for s in scenes]), crop_boxes=np.int32([s.crop_box for s in scenes]),
-                  masks=[s.mask for s in scenes], crops=np.stack([s.face for s in scenes]))
+    frame_hw, face_box = FRAME_SIZES[size]
+    return moving_avatar(frame_hw, face_box, CYCLE_FRAMES, name="bench", faces_in_frames=True)
 
 
 def load_bench_engine(args: argparse.Namespace):
@@ -149,9 +140,9 @@ def _quantiles(values: list[float]) -> list[float | None]:
 
 def _speech(args: argparse.Namespace) -> list[np.ndarray]:
     """Four speech-like utterances, int16 [utterance_s * 16000]; client i speaks number i % 4."""
-    from lipstream.bench.warp import synthetic_speech
+    from lipstream.synthetic import speech
 
-    return [np.round(synthetic_speech(args.utterance_s, seed=s) * 32767).astype(np.int16) for s in range(4)]
+    return [np.round(speech(args.utterance_s, seed=s) * 32767).astype(np.int16) for s in range(4)]
 
 
 async def _speak(send: Callable[[np.ndarray | None], Awaitable[None]], speech: np.ndarray,

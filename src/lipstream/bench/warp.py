@@ -2,9 +2,9 @@
 
 Per video frame, as a live session runs it: the mouth state of the frame's 40 ms of audio (the
 streaming features), `generate` (the mouth warp of the 256x256 crop), and the composite into the
-full frame (resize to the face box, unsharp, blend; `imgproc.composite` on NumPy). The audio is a
-synthetic voice: vowel-like harmonic tones in syllables with pauses, so the mouth moves in most
-frames (a mouth at rest costs almost nothing). The face and frame are the astronaut scene of
+full frame (resize to the face box, unsharp, blend; `imgproc.composite` on NumPy). The audio is
+`synthetic.speech`: harmonic syllables with pauses, so the mouth moves in most frames (a mouth at
+rest costs almost nothing). The face and frame are the astronaut scene of
 `bench postprocess` (same frame sizes and face boxes); the face's landmarks come from MediaPipe's
 face mesh. Target: >= 25 frames/s at 720p on one thread."""
 
@@ -16,38 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lipstream.bench.postprocess import FRAME_SIZES
+from lipstream.bench import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
 
 TARGET_FPS = 25.0
 FPS = 25
-
-
-def vowel(seconds: float, level_db: float, f0: float = 140.0, formants: tuple[float, ...] = (700.0, 1200.0),
-          sample_rate: int = 16000) -> np.ndarray:
-    """A steady vowel-like tone: float32 [seconds*rate], harmonics of `f0` shaped by resonances at
-    `formants` (Hz), scaled to `level_db` RMS dBFS. The default formants are an open "a"."""
-    t = np.arange(round(seconds * sample_rate)) / sample_rate
-    harmonics = np.arange(1, int(4000 / f0) + 1) * f0
-    gain = sum(np.exp(-0.5 * ((harmonics - f) / 120.0) ** 2) for f in formants) + 0.02
-    tone = (gain[:, None] * np.sin(2 * np.pi * harmonics[:, None] * t)).sum(0)
-    return (tone * 10 ** (level_db / 20) / np.sqrt(np.mean(tone**2))).astype(np.float32)
-
-
-def synthetic_speech(seconds: float, seed: int = 0) -> np.ndarray:
-    """float32 [seconds*16000]: syllables (120-250 ms vowels between -26 and -14 dBFS, rising and
-    falling over 30 ms) with 40-120 ms gaps and a 400 ms pause every ten syllables."""
-    rng = np.random.default_rng(seed)
-    parts, total, count = [], 0, 0
-    while total < seconds * 16000:
-        syllable = vowel(rng.uniform(0.12, 0.25), rng.uniform(-26, -14), f0=rng.uniform(110, 180),
-                         formants=tuple(rng.choice([(700, 1200), (300, 2300), (350, 800), (500, 1700)])))
-        edge = np.minimum(1.0, np.minimum(np.arange(syllable.size), np.arange(syllable.size)[::-1]) / 480)
-        count += 1
-        gap = np.zeros(round(16000 * (0.4 if count % 10 == 0 else rng.uniform(0.04, 0.12))), np.float32)
-        parts += [syllable * edge.astype(np.float32), gap]
-        total += syllable.size + gap.size
-    return np.concatenate(parts)[:round(seconds * 16000)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +37,9 @@ def _run_size(name: str, frames: int, audio: np.ndarray) -> dict:
 
     from lipstream import imgproc
     from lipstream.avatar.landmarks import FaceMesh
-    from lipstream.bench.scene import make_scene
     from lipstream.engines.base import take
     from lipstream.engines.warp import WarpEngine, avatar_teeth
+    from lipstream.synthetic import make_scene
 
     frame_hw, face_box = FRAME_SIZES[name]
     scene = make_scene(frame_hw, face_box)
@@ -106,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    audio = synthetic_speech(args.frames / FPS + 1)
+    from lipstream.synthetic import speech
+
+    audio = speech(args.frames / FPS + 1)
     rows = []
     for name in args.sizes:
         print(f"timing {name} ...", flush=True)

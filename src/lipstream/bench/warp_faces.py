@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from lipstream.bench.report import format_table, write_results
-from lipstream.engines.mouth_features import SETTLE_MS
 
 FPS = 25
 SPEECH = ("Hello! My name is Grace. I am speaking to you from a single photo.",
@@ -47,25 +46,22 @@ TILE_STEP = 3
 PLOT_HEIGHT = 44
 
 
-def face_photos() -> dict[str, np.ndarray | str]:
-    """The bundled real face photos: name -> uint8 [H, W, 3] BGR, or the reason it is missing."""
+def face_photos() -> dict[str, np.ndarray]:
+    """The bundled real face photos: name -> uint8 [H, W, 3] BGR."""
     from importlib import resources
 
     import cv2
 
-    from lipstream.bench.scene import astronaut_bgr
+    from lipstream.synthetic import astronaut_bgr
 
-    photos: dict[str, np.ndarray | str] = {"astronaut": astronaut_bgr()}
+    photos = {"astronaut": astronaut_bgr()}
     from matplotlib import cbook
     from PIL import Image
 
     with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as image:
         photos["grace-hopper"] = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    try:
-        portrait = resources.files("mahotas.demos") / "data" / "luispedro.jpg"
-        photos["luispedro"] = cv2.imdecode(np.frombuffer(portrait.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
-    except (ModuleNotFoundError, FileNotFoundError):
-        photos["luispedro"] = "mahotas is not installed (pip install mahotas)"
+    portrait = resources.files("mahotas.demos") / "data" / "luispedro.jpg"
+    photos["luispedro"] = cv2.imdecode(np.frombuffer(portrait.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
     return photos
 
 
@@ -77,12 +73,12 @@ def speech_audio(phrases: tuple[str, ...] = SPEECH) -> tuple[np.ndarray, str]:
 
     pause = np.zeros(round(PAUSE_S * 16000), np.float32)
     try:
-        parts = [synthesize_speech(phrase) for phrase in phrases]
+        parts = [synthesize_speech(phrase).mono_16k() for phrase in phrases]
         source = f"{ESPEAK} reading {' '.join(phrases)!r}"
     except TextToSpeechError as exc:
-        from lipstream.bench.warp import synthetic_speech
+        from lipstream.synthetic import speech
 
-        parts = [synthetic_speech(2.5, seed=seed) for seed in range(1, len(phrases) + 1)]
+        parts = [speech(2.5, seed=seed) for seed in range(1, len(phrases) + 1)]
         source = f"synthetic syllables ({exc})"
     return np.concatenate([pause] + [x for part in parts for x in (part, pause)]), source
 
@@ -118,6 +114,8 @@ def envelope(audio: np.ndarray, frames: int, fps: int = FPS) -> np.ndarray:
 def silent_frames(audio: np.ndarray, frames: int, fps: int = FPS) -> np.ndarray:
     """bool [frames]: the samples of the frame, of the frames in the SETTLE_MS before it (the time the
     mouth takes to come to rest) and of the next frame (which it anticipates) are all zero."""
+    from lipstream.engines.mouth_features import SETTLE_MS
+
     quiet = envelope(audio, frames, fps) == 0
     hold = int(np.ceil(SETTLE_MS / 1000 * fps))
     return np.array([quiet[max(f - hold, 0):f + 2].all() for f in range(frames)])
@@ -227,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from lipstream.audio.load import load_audio
     from lipstream.avatar.landmarks import LOWER_LIP_INNER, MOUTH_LEFT, MOUTH_RIGHT, UPPER_LIP_INNER, FaceMesh
     from lipstream.avatar.prepare import prepare_avatar
+    from lipstream.engines.mouth_features import SETTLE_MS
     from lipstream.engines.warp import WarpEngine
 
     audio, source = (load_audio(args.audio), f"file {args.audio}") if args.audio else speech_audio()

@@ -59,6 +59,10 @@ class Engine(ABC):
     computes. Engines hold no per-session state; one engine serves many sessions, batched."""
 
     name: ClassVar[str]
+    # How long after its audio falls silent a frame still gets a generated face (the hangover of the
+    # silence gate, `audio.gate`): the time the engine takes to bring the mouth back to rest. After it,
+    # the avatar's own frame is shown, pixel for pixel.
+    silence_hangover_ms: ClassVar[float] = 80.0
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device

@@ -45,8 +45,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lipstream.audio.features import SAMPLE_RATE, check_fps, num_video_frames
-from lipstream.audio.load import as_float_mono
+from lipstream.audio.buffer import PcmBuffer
+from lipstream.audio.features import check_fps, num_video_frames
+from lipstream.audio.load import SAMPLE_RATE, as_float_mono
 
 MOUTH_PARAMS = ("open", "wide", "round")  # the conditioning's columns
 
@@ -156,8 +157,7 @@ class MouthFeatureStream:
 
     def reset(self) -> None:
         """Forget everything; the next push starts frame 0 of a new utterance."""
-        self._audio = np.zeros(0, np.float32)  # samples [_audio_start, _received)
-        self._audio_start = 0
+        self._audio = PcmBuffer(np.float32)  # samples of the frames not analysed yet
         self._received = 0
         self._analysed = 0  # frames whose raw state is known
         self._emitted = 0
@@ -173,7 +173,7 @@ class MouthFeatureStream:
         if self._flushed:
             raise RuntimeError("push() after flush(): call reset() to start a new stream")
         samples = as_float_mono(samples)
-        self._audio = np.concatenate([self._audio, samples])
+        self._audio.append(samples)
         self._received += samples.shape[0]
         while frame_start(self._analysed + 1, self.fps) <= self._received:
             self._analyse_next()
@@ -192,14 +192,9 @@ class MouthFeatureStream:
     def _analyse_next(self) -> None:
         """Raw state of frame `_analysed` (samples past the audio's end read as zeros)."""
         start, end = frame_start(self._analysed, self.fps), frame_start(self._analysed + 1, self.fps)
-        samples = np.zeros(end - start, np.float32)
-        available = self._audio[start - self._audio_start:end - self._audio_start]
-        samples[:available.shape[0]] = available
-        self._pending.append(self._shape(analyse(samples)))
+        self._pending.append(self._shape(analyse(self._audio.read(start, end))))
         self._analysed += 1
-        keep = frame_start(self._analysed, self.fps)
-        self._audio = self._audio[keep - self._audio_start:]
-        self._audio_start = keep
+        self._audio.release(end)
 
     def _shape(self, a: Analysis) -> np.ndarray:
         """Raw (open, wide, round, settled) of one frame; updates the reference level and the counts of

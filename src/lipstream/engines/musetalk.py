@@ -1,7 +1,7 @@
 """MuseTalk v1.5: one UNet step in latent space, then the VAE decoder (reference spec §4).
 
     latents [B, 8, 32, 32] + audio [B, 50, 384] --(+PE)--> UNet(t=0) -> [B, 4, 32, 32]
-    --(/ scaling factor)--> VAE decode -> [B, 3, 256, 256] RGB in ~[-1, 1]
+    --(x (1 / scaling factor), as MuseTalk)--> VAE decode -> [B, 3, 256, 256] RGB in ~[-1, 1]
     --(x/2+0.5, clamp [0,1], x255, round)--> uint8 [B, 256, 256, 3] BGR
 
 Everything stays on the engine's device; nothing is copied to the host."""
@@ -77,7 +77,8 @@ class MuseTalkEngine(Engine):
         m = self.models
         audio = m.positional_encoding(audio)
         pred = m.unet(latents, self.timestep, encoder_hidden_states=audio, return_dict=False)[0]
-        image = m.vae.decode(pred / m.scaling_factor, return_dict=False)[0]
+        # MuseTalk multiplies by the reciprocal (dividing rounds differently: faces 1 LSB apart)
+        image = m.vae.decode(pred * (1 / m.scaling_factor), return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)
         # x255 and round in float32, as the released scripts do on the host (fp16 would round differently).
         faces = image.float().mul(255).round().to(torch.uint8)

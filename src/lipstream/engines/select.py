@@ -7,10 +7,9 @@ import os
 
 import torch
 
+from lipstream.engines import ENGINE_NAMES
 from lipstream.engines.base import Engine
 from lipstream.models import layout
-
-ENGINE_NAMES = ("auto", "musetalk", "warp")
 
 
 def load_engine(name: str = "auto", models_root: str | os.PathLike | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lipstream.engines.base import Engine, Material
-from lipstream.engines.mouth_features import MOUTH_PARAMS, MouthFeatureStream, mouth_features
+from lipstream.engines.mouth_features import MOUTH_PARAMS, SETTLE_MS, MouthFeatureStream, mouth_features
 from lipstream.engines.mouth_geometry import mouth_frame
 from lipstream.engines.mouth_interior import (
     TEETH_COLS,
@@ -80,6 +80,7 @@ class WarpEngine(Engine):
     """Animates the avatar's own mouth from the audio's loudness and rough spectral shape."""
 
     name = "warp"
+    silence_hangover_ms = SETTLE_MS  # the mouth closes in pauses and comes to rest this long after speech
 
     def __init__(self):
         super().__init__(torch.device("cpu"), torch.float32)

@@ -32,9 +32,9 @@ from lipstream.client import AvatarFrame, Color
 from lipstream.config import Settings, load_settings
 from lipstream.engines.base import Engine, Material
 from lipstream.errors import AudioFormatError
+from lipstream.media.encoding import output_image, output_size
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.engines import load_engine_for
-from lipstream.server.viewer import output_image, output_size
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.scheduler import Scheduler
 from lipstream.stream.session import Session

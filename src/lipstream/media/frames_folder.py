@@ -1,5 +1,6 @@
 """A folder output for editing pipelines: lossless PNG frames 00000000.png, 00000001.png, ... and
-audio.wav with the exact input samples (float32 as 32-bit float WAV, int16 as 16-bit PCM)."""
+audio.wav with the exact input samples, rate and channels (float32 as 32-bit float WAV, int16 as
+16-bit PCM)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import soundfile
 
 from lipstream.errors import OutputPathError
-from lipstream.media.output import VideoOutput
+from lipstream.media.base import VideoOutput
 
 FRAME_NAME = "{:08d}.png"
 AUDIO_NAME = "audio.wav"
@@ -58,7 +59,7 @@ class FolderOutput(VideoOutput):
         self._pool.shutdown()
         if self.audio is not None:
             subtype = "FLOAT" if self.audio.dtype == np.float32 else "PCM_16"
-            soundfile.write(self.temp_path / AUDIO_NAME, self.audio, self.sample_rate, subtype=subtype)
+            soundfile.write(self.temp_path / AUDIO_NAME, self.audio.T, self.sample_rate, subtype=subtype)
 
     def _release(self) -> None:
         self._pool.shutdown()

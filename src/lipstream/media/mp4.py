@@ -2,8 +2,9 @@
 
 Frame k has presentation time k/fps exactly, so the file holds exactly the frames written. yuv420p
 needs even sizes: an odd height or width gets one more row/column, a copy of the last one. The audio
-is written whole (AAC adds at most one frame of padding at the end, which players and decoders
-trim with the encoder delay the muxer records), interleaved with the video as frames arrive."""
+is written whole, at its own rate and with its own channels (AAC adds at most one frame of padding
+at the end, which players and decoders trim with the encoder delay the muxer records), interleaved
+with the video as frames arrive."""
 
 from __future__ import annotations
 
@@ -15,11 +16,17 @@ import cv2
 import numpy as np
 
 from lipstream.audio.load import as_float_mono
-from lipstream.media.output import VideoOutput
+from lipstream.media.base import VideoOutput
 
 # FFmpeg's AAC encoder at 16 kHz mono: 96 kb/s keeps ~35-40 dB SNR from the first frame on; at 64 kb/s the
-# first frame (64 ms) of a clip is badly distorted.
-AAC_BIT_RATE = 96_000
+# first frame (64 ms) of a clip is badly distorted. So 96 kb/s a channel (192 kb/s for stereo), within
+# AAC's limit of 6144 bits a channel per 1024-sample frame (6 bits a sample: 96 kb/s at 16 kHz).
+AAC_BIT_RATE_PER_CHANNEL = 96_000
+
+
+def aac_bit_rate(sample_rate: int, channels: int) -> int:
+    """The AAC bit rate for audio of `channels` at `sample_rate`: 96 kb/s a channel, or AAC's most."""
+    return channels * min(AAC_BIT_RATE_PER_CHANNEL, 6 * sample_rate)
 
 
 class Mp4Output(VideoOutput):
@@ -41,11 +48,12 @@ class Mp4Output(VideoOutput):
             self._video = video
             self._audio_stream = None
             if self.audio is not None:
+                channels = self.audio.shape[0]
                 audio = self._container.add_stream("aac", rate=self.sample_rate)
-                audio.layout = "mono"
-                audio.bit_rate = AAC_BIT_RATE
+                audio.layout = av.AudioLayout(f"{channels}c").name  # the default layout of that many channels
+                audio.bit_rate = aac_bit_rate(self.sample_rate, channels)
                 self._audio_stream = audio
-                self._samples = as_float_mono(self.audio)  # float32 [-1, 1] for the encoder
+                self._samples = np.stack([as_float_mono(channel) for channel in self.audio])  # float32 [-1, 1]
             self._audio_pos = 0
         except BaseException:
             self._container.close()
@@ -67,21 +75,22 @@ class Mp4Output(VideoOutput):
         if self._audio_stream is None:
             return
         size = self._audio_stream.frame_size or 1024
-        end = min(until, self._samples.shape[0])
+        end = min(until, self._samples.shape[1])
         while self._audio_pos < end and (final or self._audio_pos + size <= end):
-            chunk = self._samples[self._audio_pos:self._audio_pos + size]
-            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            chunk = np.ascontiguousarray(self._samples[:, self._audio_pos:self._audio_pos + size])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self._audio_stream.layout.name)
             frame.sample_rate = self.sample_rate
             frame.pts = self._audio_pos
             self._container.mux(self._audio_stream.encode(frame))
-            self._audio_pos += chunk.shape[0]
+            self._audio_pos += chunk.shape[1]
 
     def _finish(self) -> None:
         self._container.mux(self._video.encode(None))
         if self._audio_stream is not None:
-            self._encode_audio(self._samples.shape[0], final=True)
+            self._encode_audio(self._samples.shape[1], final=True)
             self._container.mux(self._audio_stream.encode(None))
         self._container.close()
 
     def _release(self) -> None:
         self._container.close()
+

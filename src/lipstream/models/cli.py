@@ -36,15 +36,16 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"models root: {report.root}")
     failed = False
     for f in report.present:
+        name = f.found(report.root)
         if args.verify and f.sha256 is not None:
             try:
                 verify_checksum(report.root, f)
-                print(f"  present  {f.path}  (sha256 ok)")
+                print(f"  present  {name}  (sha256 ok)")
             except WeightsError as exc:
-                print(f"  CORRUPT  {f.path}  ({exc})")
+                print(f"  CORRUPT  {name}  ({exc})")
                 failed = True
         else:
-            print(f"  present  {f.path}")
+            print(f"  present  {name}")
     for f in report.missing:
         print(f"  MISSING  {f.path}  (from {f.repo_id}: {f.repo_file})")
     if report.missing:

@@ -6,6 +6,7 @@ The root is an argument, else env `LIPSTREAM_MODELS`, else `./models`. An offici
     musetalkV15/unet.pth, musetalkV15/musetalk.json   UNet weights (plain state_dict) + constructor kwargs
     sd-vae/config.json, sd-vae/diffusion_pytorch_model.bin          AutoencoderKL (sd-vae-ft-mse)
     whisper/config.json, whisper/pytorch_model.bin, whisper/preprocessor_config.json   whisper-tiny
+                                        (model.safetensors instead of pytorch_model.bin works too)
 """
 
 from __future__ import annotations
@@ -32,12 +33,24 @@ class ModelFile:
     path: relative to the models root (POSIX separators).
     repo_id / repo_file: the Hugging Face Hub repository and the file's path in it; `path` ends with
     `repo_file`, and the part before it is the folder the repository's files go to.
-    sha256: the published digest, where known (hex)."""
+    sha256: the published digest, where known (hex).
+    alternatives: other names (relative to the root) the same weights may have instead: a folder with
+    any one of them has the file (e.g. whisper's model.safetensors, which transformers >= 5 saves).
+    `download` fetches `repo_file`."""
 
     path: str
     repo_id: str
     repo_file: str
     sha256: str | None = None
+    alternatives: tuple[str, ...] = ()
+
+    def found(self, root: Path) -> str | None:
+        """The name under `root` this file has (`path` or an alternative, a non-empty regular file), or None."""
+        for name in (self.path, *self.alternatives):
+            candidate = root / name
+            if candidate.is_file() and candidate.stat().st_size > 0:
+                return name
+        return None
 
     @property
     def local_dir(self) -> str:
@@ -52,7 +65,8 @@ MUSETALK_FILES: tuple[ModelFile, ...] = (
     ModelFile(f"{VAE_DIR}/config.json", "stabilityai/sd-vae-ft-mse", "config.json"),
     ModelFile(f"{VAE_DIR}/diffusion_pytorch_model.bin", "stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.bin"),
     ModelFile(f"{WHISPER_DIR}/config.json", "openai/whisper-tiny", "config.json"),
-    ModelFile(f"{WHISPER_DIR}/pytorch_model.bin", "openai/whisper-tiny", "pytorch_model.bin"),
+    ModelFile(f"{WHISPER_DIR}/pytorch_model.bin", "openai/whisper-tiny", "pytorch_model.bin",
+              alternatives=(f"{WHISPER_DIR}/model.safetensors",)),
     ModelFile(f"{WHISPER_DIR}/preprocessor_config.json", "openai/whisper-tiny", "preprocessor_config.json"),
 )
 
@@ -64,7 +78,8 @@ def models_root(root: str | os.PathLike | None = None) -> Path:
 
 @dataclass(frozen=True)
 class LayoutReport:
-    """Which files of `MUSETALK_FILES` exist under `root` (a file counts when it is a non-empty regular file)."""
+    """Which files of `MUSETALK_FILES` exist under `root` (a file counts when it, or one of its
+    alternatives, is a non-empty regular file)."""
 
     root: Path
     present: tuple[ModelFile, ...]
@@ -80,8 +95,7 @@ def check_models(root: str | os.PathLike | None = None) -> LayoutReport:
     root = models_root(root)
     present, missing = [], []
     for f in MUSETALK_FILES:
-        p = root / f.path
-        (present if p.is_file() and p.stat().st_size > 0 else missing).append(f)
+        (present if f.found(root) else missing).append(f)
     return LayoutReport(root, tuple(present), tuple(missing))
 
 

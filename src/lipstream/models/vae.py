@@ -1,7 +1,7 @@
 """The Stable Diffusion VAE (sd-vae-ft-mse), diffusers `AutoencoderKL`, from the sd-vae/ folder.
 
     encode: [B, 3, 256, 256] RGB in [-1, 1] -> latent_dist over [B, 4, 32, 32] (unscaled)
-    decode: [B, 4, 32, 32] latents / scaling_factor -> [B, 3, 256, 256] RGB in ~[-1, 1]
+    decode: [B, 4, 32, 32] latents * (1 / scaling_factor) -> [B, 3, 256, 256] RGB in ~[-1, 1]
 in the VAE's dtype, on its device. sd-vae-ft-mse's config.json has no `scaling_factor`, so diffusers'
 default 0.18215 applies; read it from `vae.config.scaling_factor`."""
 

@@ -32,7 +32,8 @@ WHISPER_TINY_ENCODER_PARAMETERS = 8_208_384
 
 
 def load_whisper_encoder(directory: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> WhisperEncoder:
-    """The encoder of `WhisperModel.from_pretrained(directory)` (pytorch_model.bin), eval, frozen, on device/dtype.
+    """The encoder of `WhisperModel.from_pretrained(directory)` (model.safetensors or pytorch_model.bin,
+    whichever is there), eval, frozen, on device/dtype.
 
     Raises `IncompatibleWeightsError` when the checkpoint lacks encoder tensors."""
     model, info = WhisperModel.from_pretrained(directory, output_loading_info=True)

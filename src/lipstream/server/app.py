@@ -21,13 +21,13 @@ from lipstream.avatar.store import sweep_stale_builds
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.errors import SettingsError
-from lipstream.media.jpeg import nvjpeg_available
-from lipstream.server import http_errors, rest, webrtc, websocket
+from lipstream.media.encoding import EncodingPool, nvjpeg_available
+from lipstream.server import avatar_switch, http_errors, rest, webrtc, websocket
 from lipstream.server.auth import ApiKeys
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.body_limit import BodyLimitMiddleware
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.engines import EngineHub
+from lipstream.server.http_errors import public_text
 from lipstream.server.jobs import AvatarJobs
 from lipstream.server.registry import SessionRegistry
 
@@ -66,7 +66,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     app.state.settings = settings
     app.state.keys = keys or ApiKeys(settings.api_keys)
     app.state.engines = EngineHub(settings, engine, engine_reason)
-    app.state.avatars = AvatarLibrary(settings.avatars_root)
+    app.state.avatars = AvatarLibrary(settings.avatars_root, sharpen=settings.sharpen)
     app.state.encoding = EncodingPool()
     app.state.sessions = SessionRegistry(settings.max_sessions_per_key, settings.detached_session_timeout_s)
     app.state.jobs = AvatarJobs(settings.avatars_root, settings.models_root,
@@ -80,6 +80,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     app.include_router(rest.router)
     app.include_router(websocket.router)
     app.include_router(webrtc.router)
+    app.include_router(avatar_switch.router)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -102,7 +103,7 @@ async def _load(app: FastAPI) -> None:
         state.ready.set()
     except Exception as exc:  # reported by /ready; /health stays up for diagnosis
         log.exception("the server could not load its engine")
-        state.startup_error = f"{type(exc).__name__}: {exc}"
+        state.startup_error = public_text(f"{type(exc).__name__}: {exc}", state)  # for clients: no paths
 
 
 async def _reap(sessions: SessionRegistry) -> None:

@@ -26,10 +26,12 @@ def describe(summary: AvatarSummary) -> dict:
 
 
 class AvatarLibrary:
-    """root: the avatars root (see `lipstream.avatar.layout`)."""
+    """root: the avatars root (see `lipstream.avatar.layout`). sharpen: the compositors' unsharp mask
+    (setting `sharpen`)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, sharpen: bool = True):
         self.root = Path(root)
+        self.sharpen = sharpen
         self._cache = AvatarCache(self.root)
         self._prepared: dict[tuple[str, str, str], tuple[Avatar, Compositor, Material]] = {}
 
@@ -45,7 +47,7 @@ class AvatarLibrary:
         prepared = self._prepared.get(key)
         if prepared is None or prepared[0] is not avatar:
             compositor, material = await asyncio.to_thread(
-                lambda: (Compositor(avatar, engine.device), engine.material(avatar)))
+                lambda: (Compositor(avatar, engine.device, sharpen=self.sharpen), engine.material(avatar)))
             prepared = self._prepared[key] = (avatar, compositor, material)
         return prepared
 

@@ -1,9 +1,14 @@
 """Errors a user can cause, as HTTP replies: each `LipstreamError` becomes a 4xx (or 503) with its
-own message, as `{"detail": message, "error": class name}`."""
+own message, as `{"detail": message, "error": class name}`. What a client reads never shows the
+server's paths (`public_text`)."""
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from http import HTTPStatus
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +35,31 @@ STATUS = (
 )
 
 
+# A file system path in a message: absolute, home- or dot-relative, of two parts or more (an API route
+# such as /api/sessions/{id} is not one).
+_PATH = re.compile(r"(?<![\w.:/<>~-])(?:~|\.{1,2})?/(?!api/)[\w.@+~-]+(?:/[\w.@+~-]*)+")
+
+
+def hide_paths(text: str, folders: Mapping[str, str | os.PathLike]) -> str:
+    """`text` without file system paths: the server's own `folders` ({"avatars": root, ...}) become
+    `<avatars>` (what lies inside them stays readable), any other path its last part."""
+    spellings = {}
+    for label, folder in folders.items():
+        for spelling in {str(Path(folder)), str(Path(folder).absolute()), str(Path(folder).resolve())}:
+            if spelling not in (".", "/"):
+                spellings[spelling] = label
+    for spelling in sorted(spellings, key=len, reverse=True):
+        after = "(?![\\w.-])" if "/" in spelling else "(?=/)"
+        text = re.sub(r"(?<![\w./-])" + re.escape(spelling) + after, f"<{spellings[spelling]}>", text)
+    return _PATH.sub(lambda m: Path(m.group()).name or m.group(), text)
+
+
+def public_text(text: str, state) -> str:
+    """`hide_paths` with the server's folders (the app's `state`): avatars, models and uploads."""
+    return hide_paths(text, {"avatars": state.settings.avatars_root, "models": state.settings.models_root,
+                             "uploads": state.jobs.uploads})
+
+
 def status_for(exc: errors.LipstreamError) -> int:
     return next((status for cls, status in STATUS if isinstance(exc, cls)), 400)
 
@@ -37,8 +67,9 @@ def status_for(exc: errors.LipstreamError) -> int:
 def install(app: FastAPI) -> None:
     """Every error reply has the same shape: {"detail": text, "error": name}."""
     @app.exception_handler(errors.LipstreamError)
-    async def lipstream_error(_: Request, exc: errors.LipstreamError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_for(exc))
+    async def lipstream_error(request: Request, exc: errors.LipstreamError) -> JSONResponse:
+        return JSONResponse({"detail": public_text(str(exc), request.app.state), "error": type(exc).__name__},
+                            status_code=status_for(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lipstream.errors import SessionBusyError, SessionLimitError, SessionNotFoundError
+from lipstream.errors import SessionBusyError, SessionLimitError, SessionNotFoundError, excerpt
 from lipstream.metrics import SERVER_VIEWERS
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ class OpenSession:
     """A session and its server-side facts. fps: its frame rate. size: (height, width) of the streamed
     frames; output_height: what they are scaled to (0: not scaled). viewer: "websocket", "webrtc" or
     None. closed: set once the session is closed; viewers stop on it. on_close: what a viewer must
-    undo (e.g. close its peer connection), run once when the session closes."""
+    undo (e.g. close its peer connection), run once when the session closes. changing: held while its
+    avatar is being changed (changes apply in order)."""
 
     session: Session
     key: str
@@ -41,6 +42,7 @@ class OpenSession:
     detached_since: float = field(default_factory=time.monotonic)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    changing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def id(self) -> str:
@@ -70,7 +72,7 @@ class SessionRegistry:
         """The open session `session_id` of `tenant`; SessionNotFoundError otherwise."""
         entry = self._open.get(session_id)
         if entry is None or entry.tenant != tenant:
-            raise SessionNotFoundError(f"no open session {session_id!r}; it was closed, timed out, or never "
+            raise SessionNotFoundError(f"no open session {excerpt(session_id)}; it was closed, timed out, or never "
                                        "existed (create one with POST /api/sessions)")
         return entry
 

@@ -17,10 +17,11 @@ from pydantic import BaseModel, Field, field_validator
 
 from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
 from lipstream.config import check_output_height
+from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
+from lipstream.media.encoding import output_size
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import output_size
 from lipstream.stream.session import Session
 
 router = APIRouter()
@@ -102,7 +103,7 @@ async def create_avatar(request: Request, caller: CallerDep, file: Annotated[Upl
     path = jobs.upload_path(filename)
     await asyncio.to_thread(_save_upload, file, path)
     try:
-        job = jobs.submit(caller.tenant, name, path, kind, fps=fps, overwrite=overwrite)
+        job = jobs.submit(caller.tenant, name, path, kind, fps=fps, overwrite=overwrite, source_name=filename)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -129,7 +130,7 @@ async def get_job(job_id: str, request: Request, caller: CallerDep) -> dict:
 class SessionRequest(BaseModel):
     avatar: str = Field(description="name of one of the tenant's avatars")
     fps: int | None = Field(None, ge=1, le=50, description="frame rate (default: setting fps)")
-    engine: Literal["auto", "musetalk", "warp"] = Field("auto", description='"auto": the server\'s engine')
+    engine: Literal[ENGINE_NAMES] = Field("auto", description='"auto": the server\'s engine')
     output_height: int | None = Field(None, ge=0, le=4320, description="streamed frame height (default: "
                                                                        "setting output_height; 0: the avatar's)")
 

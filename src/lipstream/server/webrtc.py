@@ -32,22 +32,21 @@ from aiortc.mediastreams import MediaStreamError
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from lipstream.audio.load import SAMPLE_RATE
+from lipstream.config import Settings
 from lipstream.errors import BadRequestError, SessionNotFoundError
+from lipstream.media.encoding import EncodingPool, video_frame
 from lipstream.metrics import SERVER_FRAMES_SENT
-from lipstream.server import wire
 from lipstream.server.auth import CallerDep
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession, SessionRegistry
-from lipstream.server.viewer import apply_client_message, output_image
+from lipstream.server.viewer import ClientMessages, frame_events
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
-AUDIO_RATE = 16000
-AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
+AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AUDIO_CHUNK = 320  # 20 ms: aiortc packs one audio frame into one RTP packet of one Opus frame
 QUEUE_S = 1.0  # how far a track may lag behind before its oldest frames are dropped
 
@@ -77,14 +76,16 @@ class FrameTrack(MediaStreamTrack):
 
 class SessionFeed:
     """Reads the session's frames in real time and hands each image to the video track, its audio (in
-    20 ms pieces) to the audio track and its events to the data channel (once the client opened one).
-    encoding: the pool that converts the frames."""
+    20 ms pieces) to the audio track and its events to the data channel (once the client opened one),
+    which also brings the client's messages. state: the app's state (its encoding pool converts the
+    frames)."""
 
-    def __init__(self, entry: OpenSession, encoding: EncodingPool):
+    def __init__(self, entry: OpenSession, state):
         self.entry = entry
-        self.encoding = encoding
+        self.encoding: EncodingPool = state.encoding
+        self.messages = ClientMessages(state, entry, self._reply)
         self.video = FrameTrack("video", max(2, round(QUEUE_S * entry.fps)))
-        self.audio = FrameTrack("audio", round(QUEUE_S * AUDIO_RATE / AUDIO_CHUNK))
+        self.audio = FrameTrack("audio", round(QUEUE_S * SAMPLE_RATE / AUDIO_CHUNK))
         self.channel: RTCDataChannel | None = None
         self._pending = np.zeros(0, np.int16)  # audio not yet sent: less than one chunk
         self._samples_sent: int | None = None  # pts of the next audio sample, on the 16 kHz clock
@@ -94,29 +95,27 @@ class SessionFeed:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(text)
 
+    async def _reply(self, text: str) -> None:
+        self._send(text)
+
     def _push_audio(self, samples: np.ndarray) -> None:
         pending = np.concatenate([self._pending, samples])
         whole = pending.shape[0] - pending.shape[0] % AUDIO_CHUNK
         for start in range(0, whole, AUDIO_CHUNK):
             chunk = av.AudioFrame.from_ndarray(pending[None, start:start + AUDIO_CHUNK], format="s16", layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = AUDIO_RATE, self._samples_sent, AUDIO_TIME_BASE
+            chunk.sample_rate, chunk.pts, chunk.time_base = SAMPLE_RATE, self._samples_sent, AUDIO_TIME_BASE
             self._samples_sent += AUDIO_CHUNK
             self.audio.offer(chunk)
         self._pending = pending[whole:]
 
-    def _video_frame(self, frame: OutputFrame) -> av.VideoFrame:
-        video = av.VideoFrame.from_ndarray(output_image(frame.image, self.entry.output_height), format="bgr24")
-        video.pts, video.time_base = round(frame.pts * 90000), VIDEO_TIME_BASE
-        return video
-
     async def handle(self, frame: OutputFrame) -> None:
         """One frame of the session: its events, its image (copied and converted on the encoding
         pool), its audio."""
-        for event in frame.events:
-            self._send(wire.event_message(event, frame.index, frame.pts))
-        self.video.offer(await self.encoding.run(self._video_frame, frame))
+        for event in frame_events(self.entry, frame):
+            self._send(event)
+        self.video.offer(await self.encoding.run(video_frame, frame.image, self.entry.output_height, frame.pts))
         if self._samples_sent is None:  # the audio clock starts where the video's does
-            self._samples_sent = round(frame.pts * AUDIO_RATE)
+            self._samples_sent = round(frame.pts * SAMPLE_RATE)
         self._push_audio(frame.audio)
         self._frames_sent.inc()
 
@@ -128,17 +127,9 @@ class SessionFeed:
             self.video.offer(None)
             self.audio.offer(None)
 
-    def on_message(self, data: bytes | str) -> None:
-        reply = apply_client_message(self.entry, data)
-        if reply is not None:
-            self._send(reply)
-
-
-def _log_failure(entry: OpenSession):
-    def done(task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("session %s: WebRTC feed failed", entry.id, exc_info=task.exception())
-    return done
+    async def on_message(self, data: bytes | str) -> None:
+        """A data channel message (run as a task of its own, in arrival order)."""
+        await self.messages.handle(data)
 
 
 class Offer(BaseModel):
@@ -146,8 +137,83 @@ class Offer(BaseModel):
     type: Literal["offer"]
 
 
-def _peer_connection(ice_servers: list[str]) -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in ice_servers]))
+class PeerViewer:
+    """A session's WebRTC viewer: its peer connection, the feed of its tracks and data channel, and
+    the watchdog that closes the session when the peer never connects. The session closes when the
+    peer fails or closes, and closing the session closes the peer (`entry.on_close`)."""
+
+    def __init__(self, entry: OpenSession, registry: SessionRegistry, state):
+        self.entry = entry
+        self.registry = registry
+        self.settings: Settings = state.settings
+        self.feed = SessionFeed(entry, state)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=url)
+                                                                 for url in self.settings.ice_servers]))
+        self._connected = asyncio.Event()
+        self._feed_task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+
+    async def answer(self, offer: Offer) -> RTCSessionDescription:
+        """The answer to `offer`: the session's video and audio, sent only. Raises BadRequestError
+        (the peer connection closed) for an offer it cannot answer."""
+        try:
+            video = self.pc.addTransceiver(self.feed.video, direction="sendonly")
+            if self.settings.video_codec != "auto":
+                mime = f"video/{self.settings.video_codec.upper()}"
+                video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                           if c.mimeType == mime])
+            self.pc.addTransceiver(self.feed.audio, direction="sendonly")
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, offer.type))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as exc:  # malformed SDP, no common codec, ...: the client can fix and retry
+            await self.pc.close()
+            raise BadRequestError(f"cannot answer this WebRTC offer: {exc or type(exc).__name__}") from exc
+        return self.pc.localDescription
+
+    def start(self) -> None:
+        """Follow the peer: its data channel, its connection state, and the connect timeout."""
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_state)
+        self._watchdog = asyncio.create_task(self._watch_connect())
+        self.entry.on_close.append(self.close)
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        self.feed.channel = channel
+        channel.on("message", self.feed.on_message)
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self._connected.set()
+            if self._feed_task is None and not self.entry.closed.is_set():  # frames only for a peer that gets them
+                self._feed_task = asyncio.create_task(self.feed.run())
+                self._feed_task.add_done_callback(self._log_failure)
+        elif state in ("failed", "closed"):
+            log.info("session %s: WebRTC %s; closing the session", self.entry.id, state)
+            await self.registry.close(self.entry)
+
+    async def _watch_connect(self) -> None:
+        timeout = self.settings.webrtc_connect_timeout_s
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            log.info("session %s: the WebRTC peer is still %s %g s after its answer; closing the session",
+                     self.entry.id, self.pc.connectionState, timeout)
+            await self.registry.close(self.entry)
+
+    async def close(self) -> None:
+        """Stop the feed and close the peer connection (run once, when the session closes)."""
+        self.feed.messages.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # when it is the watchdog that closes the session, only its wait ends
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+            await asyncio.gather(self._feed_task, return_exceptions=True)
+        await self.pc.close()
+
+    def _log_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: WebRTC feed failed", self.entry.id, exc_info=task.exception())
 
 
 @router.post("/api/sessions/{session_id}/offer")
@@ -158,63 +224,14 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
     registry: SessionRegistry = state.sessions
     entry = registry.get(session_id, caller.tenant)
     registry.attach(entry, "webrtc")
-    feed = SessionFeed(entry, state.encoding)
-    pc = _peer_connection(state.settings.ice_servers)
+    viewer = PeerViewer(entry, registry, state)
     try:
-        video = pc.addTransceiver(feed.video, direction="sendonly")
-        if state.settings.video_codec != "auto":
-            mime = f"video/{state.settings.video_codec.upper()}"
-            video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == mime])
-        pc.addTransceiver(feed.audio, direction="sendonly")
-        await pc.setRemoteDescription(RTCSessionDescription(body.sdp, body.type))
-        answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
-    except Exception as exc:  # malformed SDP, no common codec, ...: the client can fix and retry
-        await pc.close()
+        answer = await viewer.answer(body)
+    except BadRequestError:
         registry.detach(entry)
-        raise BadRequestError(f"cannot answer this WebRTC offer: {exc or type(exc).__name__}") from exc
+        raise
     if entry.closed.is_set():  # closed while the answer was made
-        await pc.close()
+        await viewer.pc.close()
         raise SessionNotFoundError(f"session {entry.id} was closed")
-
-    @pc.on("datachannel")
-    def on_datachannel(channel: RTCDataChannel) -> None:
-        feed.channel = channel
-        channel.on("message", feed.on_message)
-
-    connected = asyncio.Event()
-    feed_task: asyncio.Task | None = None
-
-    @pc.on("connectionstatechange")
-    async def on_state() -> None:
-        nonlocal feed_task
-        if pc.connectionState == "connected":
-            connected.set()
-            if feed_task is None and not entry.closed.is_set():  # frames only for a peer that gets them
-                feed_task = asyncio.create_task(feed.run())
-                feed_task.add_done_callback(_log_failure(entry))
-        elif pc.connectionState in ("failed", "closed"):
-            log.info("session %s: WebRTC %s; closing the session", entry.id, pc.connectionState)
-            await registry.close(entry)
-
-    timeout = state.settings.webrtc_connect_timeout_s
-
-    async def watch_connect() -> None:
-        try:
-            await asyncio.wait_for(connected.wait(), timeout)
-        except TimeoutError:
-            log.info("session %s: the WebRTC peer is still %s %g s after its answer; closing the session",
-                     entry.id, pc.connectionState, timeout)
-            await registry.close(entry)
-
-    watchdog = asyncio.create_task(watch_connect())  # referenced by close_peer, so kept until the session closes
-
-    async def close_peer() -> None:
-        watchdog.cancel()  # when it is the watchdog that closes the session, only its wait for the close ends
-        if feed_task is not None:
-            feed_task.cancel()
-            await asyncio.gather(feed_task, return_exceptions=True)
-        await pc.close()
-
-    entry.on_close.append(close_peer)
-    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+    viewer.start()
+    return {"sdp": answer.sdp, "type": answer.type}

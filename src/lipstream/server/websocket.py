@@ -11,20 +11,17 @@ import asyncio
 import json
 import logging
 
-import numpy as np
-import torch
 from fastapi import APIRouter, HTTPException, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.errors import SessionBusyError, SessionNotFoundError
-from lipstream.media.jpeg import encode_jpeg, encode_jpeg_cuda, nvjpeg_available
+from lipstream.media.encoding import EncodingPool, frame_jpeg
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import request_key
-from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import apply_client_message, output_image, output_tensor
+from lipstream.server.viewer import ClientMessages, frame_events
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(4404 if isinstance(exc, SessionNotFoundError) else 4409, str(exc)[:120])
         return
     try:
-        await _serve(websocket, entry, state.encoding, state.settings.jpeg_quality, state.settings.jpeg_encoder)
+        await _serve(websocket, entry, state)
     finally:
         await state.sessions.close(entry)
         if websocket.client_state == WebSocketState.CONNECTED:
@@ -56,19 +53,10 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
                 pass
 
 
-def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int, encoder: str = "auto") -> bytes:
-    """A session frame (NumPy, or a tensor on its device) scaled to `height` and JPEG-encoded.
-    encoder: "opencv", "nvjpeg", or "auto" (nvJPEG for CUDA frames when available): with nvJPEG the
-    frame is scaled and encoded on its GPU and only the JPEG bytes come to the host."""
-    on_gpu = isinstance(image, torch.Tensor) and image.device.type == "cuda"
-    if on_gpu and (encoder == "nvjpeg" or (encoder == "auto" and nvjpeg_available())):
-        return encode_jpeg_cuda(output_tensor(image, height), quality)
-    return encode_jpeg(output_image(image, height), quality)
-
-
-async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPool, jpeg_quality: int,
-                 jpeg_encoder: str) -> None:
-    """Run until the client leaves or the session closes. The frames are encoded on `encoding`."""
+async def _serve(websocket: WebSocket, entry: OpenSession, state) -> None:
+    """Run until the client leaves or the session closes. The frames are encoded on the app's pool."""
+    encoding: EncodingPool = state.encoding
+    jpeg_quality, jpeg_encoder = state.settings.jpeg_quality, state.settings.jpeg_encoder
     send_lock = asyncio.Lock()
 
     async def send(message: str | bytes) -> None:
@@ -85,11 +73,13 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
 
     async def frames_out() -> None:
         async for frame in session.frames():
-            for event in frame.events:
-                await send(wire.event_message(event, frame.index, frame.pts))
+            for event in frame_events(entry, frame):
+                await send(event)
             jpeg = await encoding.run(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
             await send(wire.pack_frame(frame.index, frame.pts, frame.speaking, frame.audio, jpeg))
             SERVER_FRAMES_SENT.labels("websocket").inc()
+
+    client = ClientMessages(state, entry, send)
 
     async def messages_in() -> None:
         while True:
@@ -97,9 +87,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes")
-            reply = apply_client_message(entry, data if data is not None else message.get("text") or "")
-            if reply is not None:
-                await send(reply)
+            await client.handle(data if data is not None else message.get("text") or "")
 
     tasks = [asyncio.create_task(frames_out()), asyncio.create_task(messages_in()),
              asyncio.create_task(entry.closed.wait())]
@@ -110,6 +98,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
                     and not isinstance(task.exception(), WebSocketDisconnect):
                 log.error("session %s: WebSocket viewer failed", entry.id, exc_info=task.exception())
     finally:
+        client.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -3,11 +3,14 @@
 Client -> server
   binary: PCM16 little-endian, 16 kHz, mono audio (any whole number of samples per message)
   text:   JSON control: {"type": "end"} (end of the utterance), {"type": "interrupt"},
-          {"type": "ping", "t": <any>} (answered by {"type": "pong", "t": <same>})
+          {"type": "ping", "t": <any>} (answered by {"type": "pong", "t": <same>}),
+          {"type": "avatar", "avatar": <name>} (show another of the tenant's avatars from the next frame)
 
 Server -> client
   text:   JSON: {"type": "hello", ...} once, {"type": "speech_started" | "speech_ended" |
-          "interrupted", "index": i, "pts": s} just before frame i, {"type": "error", "code", "message"}
+          "interrupted", "index": i, "pts": s} just before frame i ({"type": "avatar_changed", "index",
+          "pts", "avatar", "width", "height"} before the first frame of another avatar),
+          {"type": "error", "code", "message"}
   binary: one message per video frame (WebSocket only), little-endian:
 
     offset  size  type     field
@@ -29,12 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipstream.errors import BadRequestError
+from lipstream.errors import BadRequestError, excerpt
 
 MAGIC = b"LSF1"
 HEADER = struct.Struct("<4sIdIII")  # 28 bytes: the audio that follows starts 2-byte aligned
 SPEAKING = 1
-CONTROL_TYPES = ("end", "interrupt", "ping")
+CONTROL_TYPES = ("end", "interrupt", "ping", "avatar")
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ def unpack_frame(data: bytes) -> WireFrame:
     return WireFrame(index, pts, bool(flags & SPEAKING), audio, data[HEADER.size + 2 * n:])
 
 
-def event_message(event: str, index: int, pts: float) -> str:
-    return json.dumps({"type": event, "index": index, "pts": round(pts, 6)})
+def event_message(event: str, index: int, pts: float, **details) -> str:
+    """An event before frame `index` (`details`: more fields, e.g. the new avatar's)."""
+    return json.dumps({"type": event, "index": index, "pts": round(pts, 6), **details})
 
 
 def error_message(code: str, message: str) -> str:
@@ -83,8 +87,10 @@ def parse_control(text: str) -> dict:
         raise BadRequestError(f"control messages are JSON objects like {{\"type\": \"end\"}}; got invalid "
                               f"JSON ({exc.msg})") from exc
     if not isinstance(message, dict) or message.get("type") not in CONTROL_TYPES:
-        raise BadRequestError(f"unknown control message {text[:80]!r}: send {{\"type\": ...}} with one of "
+        raise BadRequestError(f"unknown control message {excerpt(text)}: send {{\"type\": ...}} with one of "
                               f"{', '.join(CONTROL_TYPES)}")
+    if message["type"] == "avatar" and not isinstance(message.get("avatar"), str):
+        raise BadRequestError('an avatar message names the avatar: {"type": "avatar", "avatar": "<name>"}')
     return message
 
 

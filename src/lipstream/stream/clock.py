@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 
-SAMPLE_RATE = 16000
+from lipstream.audio.load import SAMPLE_RATE
 
 
 class MediaClock:

@@ -20,7 +20,8 @@ Frames = np.ndarray | torch.Tensor
 
 class Compositor:
     """avatar: the frames to paste into. device: "cpu" (NumPy/OpenCV, returns np.ndarray) or a CUDA
-    device (torch, returns tensors on it). sharpen: MuseTalk's unsharp mask on the resized face.
+    device (torch, returns tensors on it). sharpen: the unsharp mask on the resized face, this system's
+    addition (MuseTalk's own composition, with it off, only resizes and blends).
 
     Frame index i means cycle frame i mod len(avatar)."""
 

@@ -4,7 +4,9 @@
           --Compositor.compose--> frames uint8 [B, H, W, 3] BGR --writer thread--> MP4 / PNG + WAV
 
 Frame i shows cycle frame i mod len(avatar) and there are exactly floor(duration * fps) frames.
-Encoding runs on a writer thread, overlapping the engine and the compositor."""
+Silent frames (the energy gate of live sessions, `audio.gate`) are the avatar's own frame, pixel for
+pixel, as live; only voiced frames go to the engine. Encoding runs on a writer thread, overlapping
+the engine and the compositor."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from lipstream.audio.features import check_fps, num_video_frames
-from lipstream.audio.load import SAMPLE_RATE
+from lipstream.audio.gate import hangover_frames, voiced_frames
+from lipstream.audio.load import SAMPLE_RATE, AudioClip
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, take
 from lipstream.errors import AudioTooShortError
@@ -63,6 +66,7 @@ def render_frames(avatar: Avatar, engine: Engine, audio: np.ndarray, *, fps: int
                   batch_size: int = 4, compositor: Compositor | None = None) -> Iterator[Frames]:
     """The video for `audio` (float32 [N] 16 kHz mono), batch by batch: uint8 [b, H, W, 3] BGR frames
     (b <= batch_size; NumPy on the CPU, else tensors on the engine's device), floor(N/16000*fps) in all.
+    Silent frames are `compositor.idle` (the avatar's own); the voiced ones of a batch are generated.
 
     compositor: one for `avatar` on the engine's device (made here when None)."""
     total = check_render_audio(audio, fps)
@@ -74,27 +78,44 @@ def render_frames(avatar: Avatar, engine: Engine, audio: np.ndarray, *, fps: int
     if conditioning.shape[0] != total:
         raise RuntimeError(f"engine {engine.name} made {conditioning.shape[0]} frames of features for "
                            f"{audio.shape[0]} samples at {fps} fps, expected {total}")
+    voiced = voiced_frames(audio, fps, hangover=hangover_frames(engine.silence_hangover_ms, fps))
     for start in range(0, total, batch_size):
         indices = list(range(start, min(start + batch_size, total)))
-        faces = engine.generate(take(material, [i % len(avatar) for i in indices]),
-                                conditioning[start:start + len(indices)])
-        yield compositor.compose(indices, faces)
+        speaking = [k for k, i in enumerate(indices) if voiced[i]]
+        if not speaking:
+            yield compositor.idle(indices)
+            continue
+        talk = [indices[k] for k in speaking]
+        faces = engine.generate(take(material, [i % len(avatar) for i in talk]), conditioning[talk])
+        composed = compositor.compose(talk, faces)
+        if len(talk) == len(indices):
+            yield composed
+            continue
+        frames = compositor.idle(indices)
+        frames[speaking] = composed
+        yield frames
 
 
 def render(avatar: Avatar, engine: Engine, audio: np.ndarray, output: str | os.PathLike, *, fps: int = 25,
-           batch_size: int | None = None, progress: bool = True) -> RenderResult:
+           batch_size: int | None = None, progress: bool = True, soundtrack: AudioClip | None = None,
+           sharpen: bool = True) -> RenderResult:
     """Render `audio` (float32 [N] 16 kHz mono) spoken by `avatar` to `output`: an .mp4 (H.264 + AAC)
     or a folder (PNG frames + audio.wav), see `lipstream.media.open_output`.
 
     batch_size: frames per engine call (default: `default_batch_size(engine.device)`).
-    progress: a progress bar on stderr. On any error nothing is left at `output`."""
+    progress: a progress bar on stderr. soundtrack: the sound the output carries, the input as it was
+    given (`load_clip`; its rate and channels; `audio` is then `soundtrack.mono_16k()`); default `audio`.
+    sharpen: the unsharp mask on generated faces (this system's addition; off: MuseTalk's composition).
+    On any error nothing is left at `output`."""
     total = check_render_audio(audio, fps)
     batch_size = default_batch_size(engine.device) if batch_size is None else batch_size
+    sound, rate = (audio, SAMPLE_RATE) if soundtrack is None else (soundtrack.samples, soundtrack.rate)
     start = time.perf_counter()
-    with (open_output(output, fps, avatar.frame_size, audio, SAMPLE_RATE) as out,
+    with (open_output(output, fps, avatar.frame_size, sound, rate) as out,
           OutputThread(out, depth=2) as writer,
           tqdm(total=total, unit="frame", file=sys.stderr, disable=not progress, desc="render") as bar):
-        for frames in render_frames(avatar, engine, audio, fps=fps, batch_size=batch_size):
+        for frames in render_frames(avatar, engine, audio, fps=fps, batch_size=batch_size,
+                                    compositor=Compositor(avatar, engine.device, sharpen=sharpen)):
             writer.write(frames)
             bar.update(frames.shape[0])
     return RenderResult(out.path, out.frames_written, time.perf_counter() - start)

@@ -24,6 +24,9 @@ Behaviour:
 - An utterance the client leaves open (no end_speech()) ends by itself once its speech has run out
   (its next frame waits for audio) and no audio has come for `auto_end_ms`: as end_speech() would.
 - `interrupt()` drops queued audio, features and frames; the next frame is idle.
+- `switch_avatar()` shows another avatar from the next frame on, without a break: the clock, the frame
+  index, the queued speech and the cycle position (modulo the new cycle's length) carry on; faces
+  already made for the old avatar are made again for the new one. Its frames may have another size.
 
 Frame k carries the 16 kHz samples [floor(k*16000/fps), floor((k+1)*16000/fps)) of the output
 (MediaClock), so audio and video cannot drift apart however long the session runs."""
@@ -40,12 +43,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lipstream.audio import gate
 from lipstream.audio.features import check_fps
+from lipstream.audio.load import SAMPLE_RATE
 from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, Material, take
 from lipstream.errors import QueueFullError, SessionClosedError
 from lipstream.metrics import ACTIVE_SESSIONS, DROPPED_FRAMES, FIRST_FRAME_SECONDS, FRAMES, STALLED_FRAMES
-from lipstream.stream.clock import SAMPLE_RATE, MediaClock
+from lipstream.stream.clock import MediaClock
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.pcm import to_pcm16
 from lipstream.stream.scheduler import Scheduler
@@ -53,7 +58,7 @@ from lipstream.stream.utterance import Utterance
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("speech_started", "speech_ended", "interrupted")
+EVENTS = ("speech_started", "speech_ended", "interrupted", "avatar_changed")
 _FRAMES_BY_KIND = {True: FRAMES.labels("speech"), False: FRAMES.labels("idle")}
 
 
@@ -70,8 +75,9 @@ class OutputFrame:
     speaking: an utterance is playing (also through its silent stretches).
     events: from EVENTS, what happens at this frame: "speech_started" (first frame of an utterance),
       "speech_ended" (first frame after one; also after an interrupted one), "interrupted" (first
-      frame after interrupt()).
-    cycle: the avatar cycle frame the image is built on (0 <= cycle < len(avatar))."""
+      frame after interrupt()), "avatar_changed" (first frame of the avatar switch_avatar() gave).
+    cycle: the avatar cycle frame the image is built on (0 <= cycle < len(avatar)).
+    avatar: the name of the avatar shown."""
 
     index: int
     pts: float
@@ -80,6 +86,7 @@ class OutputFrame:
     speaking: bool
     events: list[str]
     cycle: int
+    avatar: str
 
 
 class Session:
@@ -89,7 +96,8 @@ class Session:
     sessions of an avatar; made here on the engine's device when None). clock: a MediaClock at `fps`
     (tests inject one with a fake `now`). max_queue_s: most unplayed speech held; more raises
     QueueFullError. material: `engine.material(avatar)` (share it; computed here when None).
-    silence_dbfs / hangover_frames: the energy gate. ahead_s: how far ahead of the clock frames are
+    silence_dbfs / hangover_frames: the energy gate (`audio.gate`; hangover None: the engine's
+    `silence_hangover_ms`). ahead_s: how far ahead of the clock frames are
     handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
     real time instead of catching up. auto_end_ms: an open utterance whose speech has run out ends by
     itself after this long without audio (None: only end_speech() ends it).
@@ -98,7 +106,8 @@ class Session:
 
     def __init__(self, avatar: Avatar, engine: Engine, scheduler: Scheduler, *, fps: int = 25,
                  compositor: Compositor | None = None, clock: MediaClock | None = None, max_queue_s: float = 30.0,
-                 material: Material | None = None, silence_dbfs: float = -45.0, hangover_frames: int = 2,
+                 material: Material | None = None, silence_dbfs: float = gate.DEFAULT_SILENCE_DBFS,
+                 hangover_frames: int | None = None,
                  ahead_s: float = 0.5, max_lag_s: float = 0.5, auto_end_ms: float | None = 600.0):
         self.fps = check_fps(fps)
         self.clock = clock or MediaClock(fps)
@@ -121,7 +130,8 @@ class Session:
         self._auto_end_s = None if auto_end_ms is None else auto_end_ms / 1000
         self._material = material if material is not None else engine.material(avatar)
         self._silence_dbfs = silence_dbfs
-        self._hangover = hangover_frames
+        self._hangover = gate.hangover_frames(engine.silence_hangover_ms, fps) if hangover_frames is None \
+            else hangover_frames
         self._ahead = max(1, round(ahead_s * fps))
         self._stream = engine.feature_stream(fps)
         self._stream_owner: Utterance | None = None
@@ -135,7 +145,8 @@ class Session:
         self._feeder_idle.set()
         self._closed = False
         self._counts = dict.fromkeys(("frames_sent", "speech_frames", "dropped_frames", "stalled_frames",
-                                      "held_frames", "rebases", "utterances", "interrupts", "auto_ended"), 0)
+                                      "held_frames", "rebases", "utterances", "interrupts", "auto_ended",
+                                      "avatar_changes"), 0)
         self._first_frame_ms: float | None = None
         self._first_audio_to_frame_ms: float | None = None
         ACTIVE_SESSIONS.inc()
@@ -182,6 +193,27 @@ class Session:
             self._events.append("speech_ended")
         self._counts["interrupts"] += 1
 
+    def switch_avatar(self, avatar: Avatar, compositor: Compositor, material: Material) -> None:
+        """Show `avatar` from the next frame on (that frame carries the event "avatar_changed").
+        compositor: a Compositor for it on the engine's device; material: `engine.material(avatar)` of
+        this session's engine (share both, as for a new session). Nothing else restarts (see the
+        module doc); speech frames due within `ahead_s` may show the idle frame if their new faces are
+        not ready in time (counted as dropped)."""
+        self._check_open()
+        if compositor.avatar is not avatar:
+            raise ValueError("the compositor was made for another avatar")
+        self.avatar, self.compositor, self._material = avatar, compositor, material
+        self._cycle_length = len(avatar)
+        self.scheduler.cancel(self.id)
+        for utt in self._utterances:
+            for future in utt.futures.values():
+                future.cancel()
+            utt.futures.clear()
+            utt.submitted = utt.next_j  # their conditioning is kept until shown: submitted again below
+        self._events.append("avatar_changed")
+        self._counts["avatar_changes"] += 1
+        self._submit_ready()
+
     # ---- output ---------------------------------------------------------------------------------
 
     async def frames(self) -> AsyncIterator[OutputFrame]:
@@ -226,7 +258,8 @@ class Session:
         self._counts["speech_frames"] += speaking
         _FRAMES_BY_KIND[speaking].inc()
         self._submit_ready()
-        return OutputFrame(k, self.clock.pts(k), image, audio, speaking, events, cycle % self._cycle_length)
+        return OutputFrame(k, self.clock.pts(k), image, audio, speaking, events, cycle % self._cycle_length,
+                           self.avatar.name)
 
     @property
     def speaking(self) -> bool:
@@ -249,13 +282,15 @@ class Session:
     def stats(self) -> dict:
         """frames_sent, speech_frames, dropped_frames (late faces), stalled_frames (audio not there yet),
         held_frames (idle cycle held for a late first face), rebases (frames() resumed after falling
-        behind), utterances (started), interrupts, auto_ended (utterances ended by `auto_end_ms`);
+        behind), utterances (started), interrupts, auto_ended (utterances ended by `auto_end_ms`),
+        avatar_changes; avatar (the one shown);
         speaking; queue depths: utterances_queued, audio_queued_s, frames_featured (features waiting
         to be shown), frames_in_flight (at the scheduler); first_frame_ms (last utterance: from the
         audio that made its frame 0 computable to that frame being shown) and first_audio_to_frame_ms
         (from its first audio)."""
         return {
             "id": self.id,
+            "avatar": self.avatar.name,
             **self._counts,
             "speaking": self.speaking,
             "closed": self._closed,
@@ -387,7 +422,7 @@ class Session:
             for j in range(utt.submitted, utt.featured):
                 if first + j >= horizon:
                     return
-                conditioning = utt.conditioning.pop(j)
+                conditioning = utt.conditioning[j]  # kept until shown (an avatar switch submits it again)
                 if utt.voiced[j]:
                     cycle = utt.c0 + j
                     utt.futures[j] = self.scheduler.submit(

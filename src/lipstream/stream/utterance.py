@@ -1,20 +1,19 @@
 """One utterance of a session: its audio as pushed, its per-frame features and voicing, its frames' work.
 
-Utterance frame j owns the utterance's samples [floor(j*16000/fps), floor((j+1)*16000/fps)). A frame is
-*voiced* when its audio is at least `silence_dbfs` loud (RMS) or one of the `hangover` frames before
-it was; only voiced frames go to the engine, the others show the avatar's own (closed) mouth."""
+Utterance frame j owns the utterance's samples [floor(j*16000/fps), floor((j+1)*16000/fps)); a
+`VoiceGate` says which frames are voiced: only those go to the engine, the others show the avatar's
+own frame."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 
 import numpy as np
 import torch
 
-from lipstream.audio.load import as_float_mono, rms_dbfs
-from lipstream.stream.clock import SAMPLE_RATE
-from lipstream.stream.pcm import PcmBuffer
+from lipstream.audio.buffer import PcmBuffer
+from lipstream.audio.gate import VoiceGate
+from lipstream.audio.load import SAMPLE_RATE
 
 
 class Utterance:
@@ -22,8 +21,7 @@ class Utterance:
 
     def __init__(self, fps: int, silence_dbfs: float, hangover: int):
         self.fps = fps
-        self.silence_dbfs = silence_dbfs
-        self.hangover = hangover
+        self.gate = VoiceGate(hangover, silence_dbfs)
         self.pcm = PcmBuffer()
         self.fed = 0  # samples handed to the feature stream
         self.ended = False  # end_speech() was called
@@ -36,10 +34,9 @@ class Utterance:
         self.played = 0  # samples played
         self.c0: int | None = None  # cycle frame of frame 0, fixed when frame 0 is submitted
         self.started = False
-        self.conditioning: dict[int, torch.Tensor] = {}  # j -> [1, ...] until submitted
+        self.conditioning: dict[int, torch.Tensor] = {}  # j -> [1, ...] until shown
         self.voiced: dict[int, bool] = {}  # j -> voiced, until shown
         self.futures: dict[int, asyncio.Future] = {}  # j -> the scheduler's result, until shown
-        self._last_loud = -math.inf
         self.first_push_at: float | None = None  # arrival of the first audio
         self.last_push_at: float | None = None  # arrival of the latest audio
         self.ended_at: float | None = None
@@ -64,10 +61,7 @@ class Utterance:
             self.frame0_input_at = input_at
         for row in range(conditioning.shape[0]):
             j = self.featured
-            samples = self.pcm.read(j * SAMPLE_RATE // self.fps, (j + 1) * SAMPLE_RATE // self.fps)
-            if rms_dbfs(as_float_mono(samples)) >= self.silence_dbfs:
-                self._last_loud = j
-            self.voiced[j] = j - self._last_loud <= self.hangover
+            self.voiced[j] = self.gate(self.pcm.read(j * SAMPLE_RATE // self.fps, (j + 1) * SAMPLE_RATE // self.fps))
             self.conditioning[j] = conditioning[row:row + 1]
             self.featured += 1
         self._release()

@@ -1,5 +1,6 @@
-// lipstream web page: choose an avatar, connect over WebRTC (WebSocket as fallback), speak into the
-// microphone or send an audio file, and watch the avatar speak. Wire format: README, "WebSocket".
+// lipstream web page, in three steps: choose (or make) an avatar, connect over WebRTC (WebSocket as
+// fallback), then talk into the microphone or play an audio file and watch the avatar speak. While
+// connected, choosing another avatar shows it at once. Wire format: README, "WebSocket".
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,36 +8,109 @@ const params = new URLSearchParams(location.search);
 if (params.get("key")) localStorage.setItem("lipstream-key", params.get("key"));
 let apiKey = localStorage.getItem("lipstream-key") || "";
 
-// What the page measured; tests read it.
+// What the page shows and measured (tests read it too).
 const state = window.lipstream = {
-  transport: null, connected: false, speaking: false, framesShown: 0, fps: 0,
+  transport: null, connected: false, speaking: false, avatar: null, framesShown: 0, fps: 0,
   latenciesMs: [], events: [], errors: [],
 };
 
 let session = null;        // the server's session (POST /api/sessions reply)
 let pc = null;             // RTCPeerConnection
 let ws = null;             // WebSocket
+let player = null;         // the WebSocket's frame and sound player
+let mic = null;            // {stream, context, talking}
 let sendAudio = null;      // (ArrayBuffer) => void, PCM16 16 kHz mono
 let sendControl = null;    // (object) => void
 let utteranceSentAt = null;  // performance.now() when the current utterance's first audio went out
 
-function log(text) {
-  const li = document.createElement("li");
-  li.textContent = `${new Date().toLocaleTimeString()} ${text}`;
-  $("events").prepend(li);
-}
+const STAGES = {
+  frames: "reading the video", faces: "finding the face", latents: "preparing the face for the neural engine",
+  saving: "saving",
+};
+
+// ---- what the user reads: the status line, errors, the log, the figures ----
 
 function setStatus(text) { $("status").textContent = text; }
+
+function log(text) {
+  const item = document.createElement("li");
+  item.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  $("events").prepend(item);
+}
+
+function showError(text) {
+  state.errors.push(text);
+  $("error-text").textContent = text;
+  $("error").hidden = false;
+  log(text);
+}
+
+function clearError() { $("error").hidden = true; }
+
+function liveStatus() {
+  if (!state.connected) return;
+  if (state.speaking) setStatus("The avatar is speaking.");
+  else if (mic) setStatus(mic.talking ? "Listening to you…" : "Listening: speak into the microphone.");
+  else setStatus("Connected. Start the microphone, or play an audio file.");
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
+function showLatency() {
+  const values = state.latenciesMs;
+  $("stat-latency").textContent = values.length
+    ? `${Math.round(values[values.length - 1])} ms (median ${Math.round(median(values))} ms of ${values.length})`
+    : "not measured yet";
+}
+
+function showAvatar(name, width, height) {
+  state.avatar = name;
+  $("stat-avatar").textContent = `${name} (${width}×${height})`;
+}
+
+function resetFigures() {
+  state.latenciesMs = [];
+  state.events = [];
+  state.speaking = false;
+  state.fps = 0;
+  fpsWindow = [];
+  showLatency();
+  $("stat-fps").textContent = "no picture";
+  $("stat-transport").textContent = "none";
+  $("stat-avatar").textContent = "nothing";
+  $("stat-mic").textContent = "off";
+}
+
+// ---- the REST API ----
+
+function replyError(status, detail, retryAfter) {
+  if (status === 401 || status === 403) $("keybox").hidden = false;
+  let text = detail;
+  if (status === 503) {
+    text = `the server cannot take this now: ${detail.trim().replace(/[^.!?]$/, "$&.")}` +
+           (retryAfter ? ` Try again in ${retryAfter} s.` : "");
+  } else if (status === 429) {
+    text = `too many at once: ${detail}`;
+  }
+  const error = new Error(text);
+  error.status = status;
+  return error;
+}
 
 async function api(path, options = {}) {
   const headers = { Authorization: `Bearer ${apiKey}`, ...(options.headers || {}) };
   const reply = await fetch(path, { ...options, headers });
   const body = reply.headers.get("content-type")?.includes("json") ? await reply.json() : {};
-  if (!reply.ok) {
-    if (reply.status === 401 || reply.status === 403) $("keybox").hidden = false;
-    throw new Error(`${reply.status}: ${body.detail || reply.statusText}`);
-  }
+  if (!reply.ok) throw replyError(reply.status, body.detail || reply.statusText, reply.headers.get("Retry-After"));
   return body;
+}
+
+function postJson(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 }
 
 // ---- server messages (WebSocket text or WebRTC data channel): events and errors ----
@@ -45,29 +119,37 @@ function onServerText(text) {
   let message;
   try { message = JSON.parse(text); } catch { return; }
   if (message.type === "error") {
-    state.errors.push(message);
-    log(`error: ${message.message}`);
+    showError(`The server could not use what the page sent: ${message.message}`);
     return;
   }
-  if (!["speech_started", "speech_ended", "interrupted"].includes(message.type)) return;
+  if (!["speech_started", "speech_ended", "interrupted", "avatar_changed"].includes(message.type)) return;
   state.events.push(message);
-  log(`${message.type} (frame ${message.index})`);
   if (message.type === "speech_started") {
     state.speaking = true;
     if (utteranceSentAt !== null) {
       const ms = performance.now() - utteranceSentAt;
       state.latenciesMs.push(ms);
       utteranceSentAt = null;
-      const sorted = [...state.latenciesMs].sort((a, b) => a - b);
-      $("stat-latency").textContent = `${ms.toFixed(0)} ms (median ${sorted[sorted.length >> 1].toFixed(0)} ms)`;
+      showLatency();
+      log(`The avatar started speaking, ${Math.round(ms)} ms after your first sound.`);
+    } else {
+      log("The avatar started speaking.");
     }
-  } else {
+  } else if (message.type === "speech_ended") {
     state.speaking = false;
+    log("The avatar finished speaking.");
+  } else if (message.type === "interrupted") {
+    state.speaking = false;
+    log("Stopped.");
+  } else {
+    showAvatar(message.avatar, message.width, message.height);
+    $("avatar").value = message.avatar;
+    log(`Now showing ${message.avatar}.`);
   }
-  $("stat-state").textContent = state.speaking ? "speaking" : "idle";
+  liveStatus();
 }
 
-// ---- frames shown and fps ----
+// ---- frames shown and their rate ----
 
 let fpsWindow = [];
 function frameShown() {
@@ -76,8 +158,7 @@ function frameShown() {
   fpsWindow.push(now);
   while (fpsWindow.length && now - fpsWindow[0] > 1000) fpsWindow.shift();
   state.fps = fpsWindow.length;
-  $("stat-frames").textContent = state.framesShown;
-  $("stat-fps").textContent = state.fps;
+  $("stat-fps").textContent = `${state.fps} frames a second`;
 }
 
 // ---- WebRTC ----
@@ -102,36 +183,43 @@ async function connectWebRTC() {
     pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
     setTimeout(resolve, 3000);
   });
-  const answer = await api(`/api/sessions/${session.id}/offer`, {
-    method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
-  });
+  const answer = await postJson(`/api/sessions/${session.id}/offer`,
+                                { sdp: pc.localDescription.sdp, type: pc.localDescription.type });
   await pc.setRemoteDescription(answer);
   await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("no WebRTC connection within 10 s")), 10000);
     const check = () => {
       if (pc.connectionState === "connected" && channel.readyState === "open") { clearTimeout(timer); resolve(); }
-      if (pc.connectionState === "failed") { clearTimeout(timer); reject(new Error("WebRTC connection failed")); }
+      if (pc.connectionState === "failed") { clearTimeout(timer); reject(new Error("the WebRTC connection failed")); }
     };
     pc.addEventListener("connectionstatechange", check);
     channel.addEventListener("open", check);
     check();
   });
+  const connection = pc;
   pc.addEventListener("connectionstatechange", () => {
-    if (["failed", "closed"].includes(pc?.connectionState)) disconnect(`WebRTC ${pc.connectionState}`);
+    if (pc === connection && ["failed", "closed"].includes(pc.connectionState)) {
+      serverClosed("The connection to the server was lost.");
+    }
   });
   video.hidden = false;
-  video.play().catch(() => { video.muted = true; video.play(); log("autoplay blocked: muted; click the video for sound"); });
+  video.play().catch(() => {
+    video.muted = true;
+    video.play().catch(() => {});
+    log("The browser started the video without sound: click the video to hear it.");
+  });
   video.onclick = () => { video.muted = false; };
-  const countFrame = () => { frameShown(); video.requestVideoFrameCallback(countFrame); };
+  const countFrame = () => {
+    if (pc !== connection) return;
+    frameShown();
+    video.requestVideoFrameCallback(countFrame);
+  };
   video.requestVideoFrameCallback(countFrame);
   sendAudio = (buffer) => channel.readyState === "open" && channel.send(buffer);
   sendControl = (message) => channel.readyState === "open" && channel.send(JSON.stringify(message));
 }
 
 // ---- WebSocket: binary frames (header + PCM16 audio + JPEG) played on the audio clock ----
-
-let player = null;
 
 function makePlayer() {
   const context = new AudioContext();
@@ -150,7 +238,10 @@ function makePlayer() {
       shown = queue.shift();
     }
     if (shown) {
-      if (canvas.width !== shown.bitmap.width) { canvas.width = shown.bitmap.width; canvas.height = shown.bitmap.height; }
+      if (canvas.width !== shown.bitmap.width || canvas.height !== shown.bitmap.height) {
+        canvas.width = shown.bitmap.width;
+        canvas.height = shown.bitmap.height;
+      }
       ctx2d.drawImage(shown.bitmap, 0, 0);
       shown.bitmap.close();
       frameShown();
@@ -169,6 +260,7 @@ function makePlayer() {
       const pcm = new Int16Array(buffer, 28, samples);
       const bitmap = await createImageBitmap(new Blob([new Uint8Array(buffer, 28 + 2 * samples, jpegBytes)],
         { type: "image/jpeg" }));
+      if (!running) { bitmap.close(); return; }
       const t = now();
       if (offset === null || offset + pts < t) offset = t + 0.12 - pts;  // start, or late: re-anchor
       const at = offset + pts;
@@ -193,28 +285,50 @@ async function connectWebSocket() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   ws = new WebSocket(`${scheme}://${location.host}/api/sessions/${session.id}/ws?key=${encodeURIComponent(apiKey)}`);
   ws.binaryType = "arraybuffer";
-  ws.onmessage = (e) => (typeof e.data === "string" ? onServerText(e.data) : player.frame(e.data));
+  ws.onmessage = (e) => (typeof e.data === "string" ? onServerText(e.data) : player?.frame(e.data));
   await new Promise((resolve, reject) => {
     ws.onopen = resolve;
-    ws.onerror = () => reject(new Error("WebSocket failed"));
+    ws.onerror = () => reject(new Error("the WebSocket did not open"));
   });
-  ws.onclose = (e) => disconnect(`WebSocket closed (${e.code} ${e.reason})`);
+  ws.onerror = null;
+  ws.onclose = (e) => serverClosed(`The server closed the connection${e.reason ? `: ${e.reason}` : ""}.`);
   $("canvas").hidden = false;
-  sendAudio = (buffer) => ws.readyState === WebSocket.OPEN && ws.send(buffer);
-  sendControl = (message) => ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify(message));
+  sendAudio = (buffer) => ws?.readyState === WebSocket.OPEN && ws.send(buffer);
+  sendControl = (message) => ws?.readyState === WebSocket.OPEN && ws.send(JSON.stringify(message));
 }
 
 // ---- connect / disconnect ----
 
 async function newSession() {
-  session = await api("/api/sessions", {
-    method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ avatar: $("avatar").value }),
-  });
+  session = await postJson("/api/sessions", { avatar: $("avatar").value });
+}
+
+async function closeSession() {
+  // Only a session the server still has: one that lost its viewer is closed by the server itself.
+  if (!session) return;
+  const id = session.id;
+  session = null;
+  try {
+    const { sessions } = await api("/api/sessions");
+    if (sessions.some((s) => s.id === id)) await api(`/api/sessions/${id}`, { method: "DELETE" });
+  } catch { /* the server closes it when its time without a viewer runs out */ }
+}
+
+function setConnected(connected) {
+  $("connect").disabled = connected;
+  for (const id of ["disconnect", "mic", "send-file", "interrupt"]) $(id).disabled = !connected;
+  $("placeholder").hidden = connected;
 }
 
 async function connect() {
+  clearError();
+  if (!$("avatar").value) {
+    showError("Choose an avatar first, or make one (step 1).");
+    return;
+  }
   $("connect").disabled = true;
+  setStatus("Connecting…");
+  resetFigures();
   try {
     await newSession();
     const wanted = $("transport").value;
@@ -224,9 +338,9 @@ async function connect() {
         state.transport = "webrtc";
       } catch (error) {
         if (wanted === "webrtc") throw error;
-        log(`WebRTC did not connect (${error.message}); using the WebSocket`);
+        log(`WebRTC did not connect (${error.message}); using the WebSocket instead.`);
         closeTransports();
-        await api(`/api/sessions/${session.id}`, { method: "DELETE" }).catch(() => {});
+        await closeSession();
         await newSession();
       }
     }
@@ -235,85 +349,121 @@ async function connect() {
       state.transport = "websocket";
     }
     state.connected = true;
-    $("stat-transport").textContent = state.transport;
-    $("stat-state").textContent = "idle";
-    setStatus(`connected: session ${session.id}, ${session.width}x${session.height} at ${session.fps} fps`);
-    for (const id of ["disconnect", "mic", "send-file", "interrupt"]) $(id).disabled = false;
+    $("stat-transport").textContent = state.transport === "webrtc" ? "WebRTC" : "WebSocket";
+    showAvatar(session.avatar, session.width, session.height);
+    setConnected(true);
+    log(`Connected: showing ${session.avatar}.`);
+    liveStatus();
   } catch (error) {
-    log(`could not connect: ${error.message}`);
-    setStatus("not connected");
     closeTransports();
-    $("connect").disabled = false;
+    await closeSession();
+    setStatus("Not connected.");
+    showError(`Could not connect: ${error.message}`);
+    setConnected(false);
   }
 }
 
 function closeTransports() {
   if (pc) { const old = pc; pc = null; old.close(); }
-  if (ws) { const old = ws; ws = null; old.onclose = null; old.close(); }
+  if (ws) { const old = ws; ws = null; old.onclose = null; old.onmessage = null; old.close(); }
   if (player) { player.stop(); player = null; }
   $("video").hidden = true;
   $("canvas").hidden = true;
   state.transport = null;
+  sendAudio = sendControl = null;
 }
 
-function disconnect(reason) {
+async function disconnect() {
   if (!state.connected) return;
   state.connected = false;
   stopMic();
+  await closeSession();  // first, so that the server does not see a viewer vanish
   closeTransports();
-  if (session) api(`/api/sessions/${session.id}`, { method: "DELETE" }).catch(() => {});
-  session = null;
-  log(reason || "disconnected");
-  setStatus("not connected");
-  $("connect").disabled = false;
-  for (const id of ["disconnect", "mic", "send-file", "interrupt"]) $(id).disabled = true;
-  $("stat-transport").textContent = "-";
+  ended("Disconnected. Press Connect to start again.");
+}
+
+function serverClosed(reason) {
+  if (!state.connected) return;
+  state.connected = false;
+  session = null;  // the server closed it
+  stopMic();
+  closeTransports();
+  ended(`${reason} Press Connect to start again.`);
+}
+
+function ended(text) {
+  resetFigures();
+  setConnected(false);
+  setStatus(text);
+  log(text);
 }
 
 // ---- microphone: 20 ms PCM16 chunks, sent while the level says someone speaks ----
 
-let mic = null;
 const LEVEL_ON = 0.02;     // RMS that starts an utterance (about -34 dBFS)
 const HANGOVER_MS = 600;   // silence that ends it
 const PREROLL_CHUNKS = 10; // 200 ms sent ahead of the chunk that crossed the level
 
 async function startMic() {
+  if (!navigator.mediaDevices?.getUserMedia) {
+    throw Object.assign(new Error("no microphone access here"), { name: "NotSecureError" });
+  }
   const stream = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
   });
+  if (!state.connected) { stream.getTracks().forEach((track) => track.stop()); return; }
   const context = new AudioContext();
   await context.audioWorklet.addModule("/static/mic-worklet.js");
   const node = new AudioWorkletNode(context, "pcm16-capture");
   const silent = context.createGain();
   silent.gain.value = 0;
   context.createMediaStreamSource(stream).connect(node).connect(silent).connect(context.destination);
+  mic = { stream, context, talking: false };
+  const current = mic;
   const preroll = [];
-  let talking = false;
   let quietSince = 0;
   node.port.onmessage = ({ data }) => {
+    if (mic !== current || !sendAudio) return;
     const t = performance.now();
     if (data.rms >= LEVEL_ON) quietSince = t;
-    if (!talking && data.rms >= LEVEL_ON) {
-      talking = true;
+    if (!current.talking && data.rms >= LEVEL_ON) {
+      current.talking = true;
       utteranceSentAt = t;
       preroll.splice(0).forEach((chunk) => sendAudio(chunk));
-      $("stat-mic").textContent = "on: speech";
+      $("stat-mic").textContent = "on: hearing you";
+      liveStatus();
     }
-    if (talking) {
+    if (current.talking) {
       sendAudio(data.pcm);
       if (t - quietSince > HANGOVER_MS) {
-        talking = false;
+        current.talking = false;
         sendControl({ type: "end" });
         $("stat-mic").textContent = "on: listening";
+        liveStatus();
       }
     } else {
       preroll.push(data.pcm);
       if (preroll.length > PREROLL_CHUNKS) preroll.shift();
     }
   };
-  mic = { stream, context };
-  $("mic").textContent = "Stop microphone";
+  $("mic").textContent = "Stop the microphone";
   $("stat-mic").textContent = "on: listening";
+  liveStatus();
+}
+
+function micError(error) {
+  if (error.name === "NotAllowedError") {
+    showError("The browser did not let this page use the microphone. Allow it (the icon next to the address " +
+              "bar), then press Start the microphone again; or play an audio file instead.");
+  } else if (error.name === "NotFoundError") {
+    showError("No microphone was found. Connect one, or play an audio file instead.");
+  } else if (error.name === "NotSecureError" || !window.isSecureContext) {
+    showError("Browsers open the microphone only for pages on localhost or over HTTPS. Open this page that " +
+              "way, or play an audio file instead.");
+  } else {
+    showError(`The microphone did not start: ${error.message}`);
+  }
+  $("stat-mic").textContent = "off";
 }
 
 function stopMic() {
@@ -321,46 +471,135 @@ function stopMic() {
   mic.stream.getTracks().forEach((track) => track.stop());
   mic.context.close();
   mic = null;
-  $("mic").textContent = "Start microphone";
+  $("mic").textContent = "Start the microphone";
   $("stat-mic").textContent = "off";
+  liveStatus();
 }
 
 async function sendFile() {
+  clearError();
   const file = $("file").files[0];
-  if (!file) { log("choose an audio file first"); return; }
+  if (!file) { showError("Choose an audio file first."); return; }
   const form = new FormData();
   form.append("file", file);
   utteranceSentAt = performance.now();
   try {
     const reply = await api(`/api/sessions/${session.id}/audio?end=true`, { method: "POST", body: form });
-    log(`sent ${file.name}: ${reply.seconds.toFixed(1)} s of audio`);
+    log(`Playing ${file.name} (${reply.seconds.toFixed(1)} s).`);
   } catch (error) {
     utteranceSentAt = null;
-    log(`could not send ${file.name}: ${error.message}`);
+    showError(`Could not play ${file.name}: ${error.message}`);
   }
 }
 
-// ---- avatars and buttons ----
+// ---- avatars: the list, switching while connected, making one from a video or photo ----
 
-async function loadAvatars() {
-  const select = $("avatar");
+async function loadAvatars(choose) {
   const { avatars } = await api("/api/avatars");
-  select.replaceChildren(...avatars.map((a) => new Option(`${a.name} (${a.width}x${a.height})`, a.name)));
-  if (!avatars.length) log("no avatars yet: prepare one (`lipstream avatars prepare` or POST /api/avatars)");
+  const list = $("avatar");
+  const keep = choose || list.value;
+  list.replaceChildren(...avatars.map((a) => new Option(`${a.name} (${a.width}×${a.height})`, a.name)));
+  if (avatars.some((a) => a.name === keep)) list.value = keep;
+  $("no-avatars").hidden = avatars.length > 0;
+  if (!avatars.length) $("create").open = true;
+  if (!state.connected) {
+    setStatus(avatars.length ? "Choose an avatar, then press Connect." : "Make an avatar to start (step 1).");
+  }
 }
 
+async function switchAvatar() {
+  if (!state.connected || !session) return;
+  clearError();
+  const name = $("avatar").value;
+  try {
+    await postJson(`/api/sessions/${session.id}/avatar`, { avatar: name });
+    log(`Switching to ${name}…`);
+  } catch (error) {
+    showError(`Could not show ${name}: ${error.message}`);
+    $("avatar").value = state.avatar;
+  }
+}
+
+function upload(name, file, onProgress) {
+  return new Promise((resolve, reject) => {
+    const form = new FormData();
+    form.append("name", name);
+    form.append("file", file);
+    const request = new XMLHttpRequest();
+    request.open("POST", "/api/avatars");
+    request.setRequestHeader("Authorization", `Bearer ${apiKey}`);
+    request.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
+    request.onload = () => {
+      let body = {};
+      try { body = JSON.parse(request.responseText); } catch { /* not JSON */ }
+      if (request.status === 202) resolve(body.job);
+      else reject(replyError(request.status, body.detail || request.statusText, request.getResponseHeader("Retry-After")));
+    };
+    request.onerror = () => reject(new Error("the upload broke off"));
+    request.send(form);
+  });
+}
+
+function showMaking(share, text) {
+  $("create-progress").hidden = false;
+  $("create-bar").value = share;
+  $("create-text").textContent = text;
+}
+
+async function makeAvatar() {
+  clearError();
+  const name = $("new-name").value.trim();
+  const file = $("new-file").files[0];
+  if (!name) { showError("Give the new avatar a name."); return; }
+  if (!file) { showError("Choose a video or a photo of a face for the new avatar."); return; }
+  $("create-avatar").disabled = true;
+  try {
+    showMaking(0, "Uploading… 0%");
+    let job = await upload(name, file, (share) => showMaking(share, `Uploading… ${Math.round(100 * share)}%`));
+    while (job.status === "queued" || job.status === "running") {
+      showMaking(job.progress, job.status === "queued" ? "Waiting for another avatar to be made first…"
+        : `Making it: ${STAGES[job.stage] || "starting"}… ${Math.round(100 * job.progress)}%`);
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      job = await api(`/api/jobs/${job.id}`);
+    }
+    if (job.status === "failed") throw new Error(job.error);
+    showMaking(1, `The avatar ${job.avatar} is ready.`);
+    log(`Made the avatar ${job.avatar}.`);
+    await loadAvatars(job.avatar);
+    await switchAvatar();
+  } catch (error) {
+    showMaking(0, "The avatar was not made.");
+    showError(`The avatar ${name} could not be made: ${error.message}`);
+  } finally {
+    $("create-avatar").disabled = false;
+  }
+}
+
+// ---- buttons ----
+
 $("connect").onclick = connect;
-$("disconnect").onclick = () => disconnect("disconnected");
-$("mic").onclick = () => (mic ? stopMic() : startMic().catch((e) => log(`microphone: ${e.message}`)));
+$("disconnect").onclick = disconnect;
+$("mic").onclick = () => (mic ? stopMic() : startMic().catch(micError));
 $("send-file").onclick = sendFile;
-$("interrupt").onclick = () => { utteranceSentAt = null; sendControl({ type: "interrupt" }); };
+$("interrupt").onclick = () => { utteranceSentAt = null; sendControl?.({ type: "interrupt" }); };
+$("avatar").onchange = switchAvatar;
+$("create-avatar").onclick = makeAvatar;
+$("error-close").onclick = clearError;
 $("save-key").onclick = () => {
   apiKey = $("key").value.trim();
   localStorage.setItem("lipstream-key", apiKey);
   $("keybox").hidden = true;
-  loadAvatars().catch((e) => log(e.message));
+  loadAvatars().catch((e) => showError(`Could not list the avatars: ${e.message}`));
 };
 if (params.get("transport")) $("transport").value = params.get("transport");
-if (!apiKey) $("keybox").hidden = false;
-else loadAvatars().catch((e) => log(e.message));
-window.addEventListener("pagehide", () => disconnect("page closed"));
+if (!apiKey) {
+  $("keybox").hidden = false;
+  setStatus("Paste the access key to start.");
+} else {
+  loadAvatars().catch((e) => showError(`Could not list the avatars: ${e.message}`));
+}
+window.addEventListener("pagehide", () => {  // the server closes a session whose viewer goes
+  state.connected = false;
+  stopMic();
+  closeTransports();
+});
