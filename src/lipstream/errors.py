@@ -37,6 +37,10 @@ class AudioTooShortError(AudioError):
     """The input is shorter than one video frame, so there is nothing to render."""
 
 
+class AudioFormatError(AudioError):
+    """The audio's format is outside what lipstream decodes (e.g. a sample rate above 384 kHz)."""
+
+
 class WeightsError(LipstreamError):
     """Base class of the model-weights errors (`lipstream models ...`)."""
 
@@ -137,6 +141,35 @@ class BadRequestError(ServerError):
 
 class NotReadyError(ServerError):
     """The server is still loading its engine and avatars."""
+
+
+class OverloadedError(ServerError):
+    """The server has no capacity left for another session (it would make the open ones late).
+    retry_after_s: when to try again, for the reply's Retry-After header."""
+
+    def __init__(self, message: str, retry_after_s: int = 10):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OutputTooLargeError(ServerError):
+    """A session asked for frames larger than its avatar's own (upscaling is off)."""
+
+
+class JobLimitError(ServerError):
+    """The tenant has as many avatar jobs queued or running as it may have."""
+
+
+class JobCancelledError(ServerError):
+    """An avatar job was stopped before it finished (the server shut down)."""
+
+
+class MessageTooLargeError(ServerError):
+    """A WebSocket or data-channel message is larger than the server accepts."""
+
+
+class InputRateError(ServerError):
+    """A data-channel client sends messages faster than its connection may (it cannot be slowed down)."""
 
 
 class StreamError(LipstreamError):

@@ -20,6 +20,7 @@ import soxr
 
 from lipstream.errors import (
     AudioDecodeError,
+    AudioFormatError,
     AudioNotFoundError,
     AudioTooLongError,
     EmptyAudioError,
@@ -54,7 +55,7 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None,
             raise EmptyAudioError(f"audio file {label} is empty (0 bytes); give a non-empty audio file")
         file = str(path)
     try:
-        mono, rate = _decode_mono(file, label, max_seconds)
+        mono = _decode_mono(file, label, max_seconds)
     except av.error.FFmpegError as exc:
         raise AudioDecodeError(
             f"cannot decode audio {label}: {exc.strerror or exc}; "
@@ -62,11 +63,14 @@ def load_audio(source: AudioSource, *, max_seconds: float | None = None,
         ) from exc
     if mono.size == 0:
         raise EmptyAudioError(f"audio {label} has an audio stream but 0 samples; give audio with sound in it")
-    return resample_to_16k(mono, rate)
+    return mono
 
 
-def _decode_mono(file: str | io.BytesIO, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream. Returns (float32 [n] mono at the stream's rate, rate)."""
+def _decode_mono(file: str | io.BytesIO, label: str, max_seconds: float | None) -> np.ndarray:
+    """Decode the first audio stream to float32 [n] mono at 16 kHz, resampled as it is decoded (so
+    only the 16 kHz result is held, whatever the source's rate). A stream that declares more than
+    `max_seconds`, or a rate above MAX_SOURCE_RATE, is refused before anything is decoded; one that
+    decodes to more than `max_seconds` (a false declaration) is refused as soon as it has."""
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
             found = ", ".join(f"{s.type} ({s.codec_context.name})" for s in container.streams) or "nothing"
@@ -75,37 +79,83 @@ def _decode_mono(file: str | io.BytesIO, label: str, max_seconds: float | None) 
                 "give a file that contains audio"
             )
         stream = container.streams.audio[0]
+        _check_declared(stream, container, label, max_seconds)
         resampler: av.AudioResampler | None = None
-        rate = 0
+        to_16k: _Resampler | None = None
         max_samples = math.inf
-        pieces: list[np.ndarray] = []
-        total = 0
         for frame in container.decode(stream):
             if resampler is None:
                 # Planar float at the first frame's rate and layout: format conversion only, so
                 # the downmix (a plain mean, as librosa does) and the rate change stay ours.
-                rate = frame.sample_rate
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
+                _check_rate(frame.sample_rate, label)
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.sample_rate)
+                to_16k = _Resampler(frame.sample_rate)
                 if max_seconds is not None:
-                    max_samples = max_seconds * rate
+                    max_samples = max_seconds * frame.sample_rate
             for converted in resampler.resample(frame):
-                piece = converted.to_ndarray().mean(axis=0, dtype=np.float32)  # [channels, n] -> [n]
-                pieces.append(piece)
-                total += piece.size
-            if total > max_samples:
+                to_16k.push(converted.to_ndarray().mean(axis=0, dtype=np.float32))  # [channels, n] -> [n]
+            if to_16k.samples_in > max_samples:
                 raise _too_long(label, max_seconds)
-        if resampler is not None:
-            for converted in resampler.resample(None):
-                pieces.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
-    mono = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-    if mono.size > max_samples:
+        if resampler is None:
+            return np.zeros(0, np.float32)
+        for converted in resampler.resample(None):
+            to_16k.push(converted.to_ndarray().mean(axis=0, dtype=np.float32))
+    if to_16k.samples_in > max_samples:
         raise _too_long(label, max_seconds)
-    return mono, rate
+    return to_16k.finish()
 
 
-def _too_long(label: str, max_seconds: float | None) -> AudioTooLongError:
+MAX_SOURCE_RATE = 384_000  # the highest sample rate decoded (studio formats stop at 384 kHz)
+
+
+def _check_rate(rate: int, label: str) -> None:
+    if not 0 < rate <= MAX_SOURCE_RATE:
+        raise AudioFormatError(f"audio {label} declares a sample rate of {rate} Hz; lipstream decodes rates up "
+                               f"to {MAX_SOURCE_RATE} Hz: convert it (e.g. to 16 or 48 kHz) first")
+
+
+def _check_declared(stream: av.audio.stream.AudioStream, container: av.container.InputContainer, label: str,
+                    max_seconds: float | None) -> None:
+    """Refuse, before decoding, a stream whose declared rate or duration is over the limits."""
+    if stream.codec_context.sample_rate:
+        _check_rate(stream.codec_context.sample_rate, label)
+    if max_seconds is None:
+        return
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return  # nothing declared: the decoded length is checked as it grows
+    if seconds > max_seconds:
+        raise _too_long(label, max_seconds, f" (it declares {seconds:.1f} s)")
+
+
+class _Resampler:
+    """float32 mono chunks at `rate` -> 16 kHz, streamed (soxr HQ, the same samples as resampling
+    the whole signal at once), with librosa's output length: ceil(n * 16000 / rate)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.samples_in = 0
+        self._stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
+                                                                             quality=SOXR_QUALITY)
+        self._out: list[np.ndarray] = []
+
+    def push(self, samples: np.ndarray) -> None:
+        self.samples_in += samples.size
+        self._out.append(samples if self._stream is None else self._stream.resample_chunk(samples, last=False))
+
+    def finish(self) -> np.ndarray:
+        if self._stream is not None:
+            self._out.append(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        out = np.concatenate(self._out) if self._out else np.zeros(0, np.float32)
+        return _librosa_length(out, self.samples_in, self.rate)
+
+
+def _too_long(label: str, max_seconds: float | None, declared: str = "") -> AudioTooLongError:
     return AudioTooLongError(
-        f"audio {label} is longer than the {max_seconds:g} s allowed; send a shorter clip"
+        f"audio {label} is longer than the {max_seconds:g} s allowed{declared}; send a shorter clip"
     )
 
 
@@ -114,8 +164,12 @@ def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     if rate == SAMPLE_RATE:
         return samples
-    out = soxr.resample(samples, rate, SAMPLE_RATE, quality=SOXR_QUALITY)
-    size = int(np.ceil(samples.shape[-1] * (SAMPLE_RATE / rate)))
+    return _librosa_length(soxr.resample(samples, rate, SAMPLE_RATE, quality=SOXR_QUALITY), samples.shape[-1], rate)
+
+
+def _librosa_length(out: np.ndarray, samples_in: int, rate: int) -> np.ndarray:
+    """16 kHz float32 output of `samples_in` samples at `rate`, cut or zero-padded to librosa's length."""
+    size = int(np.ceil(samples_in * (SAMPLE_RATE / rate)))
     if out.size >= size:
         return np.ascontiguousarray(out[:size], dtype=np.float32)
     return np.pad(out, (0, size - out.size)).astype(np.float32, copy=False)
