@@ -18,6 +18,7 @@ from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
 from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
+from lipstream.server.viewer import InputLimits
 from lipstream.server.webrtc import SessionFeed
 from lipstream.stream.clock import MediaClock
 from lipstream.stream.scheduler import Scheduler
@@ -69,6 +70,7 @@ def test_video_audio_and_events_over_webrtc(server):
         pc, tracks, messages, opened = await connect(server, sid)
         channel = await asyncio.wait_for(opened.get(), 15)
         assert set(tracks) == {"video", "audio"}
+        channel.send("[" * 4000)  # nested too deeply for json.loads: an error event, the call goes on
         first = await asyncio.wait_for(tracks["video"].recv(), 15)
         began = time.monotonic()
         speech = pcm16(speech_like(1.0))
@@ -107,6 +109,7 @@ def test_video_audio_and_events_over_webrtc(server):
     assert types[:3] == ["error", "speech_started", "speech_ended"] or \
         ["speech_started", "speech_ended"] == [t for t in types if t != "error"]
     assert "error" in types
+    assert any("nested too deeply" in m.get("message", "") for m in got["messages"])
     deadline = time.monotonic() + 10
     while httpx.get(f"{server.url}/api/sessions/{sid}/stats", headers=KEY).status_code != 404:
         assert time.monotonic() < deadline, "hanging up did not close the session"
@@ -172,7 +175,8 @@ def test_audio_and_video_timestamps_share_one_clock():
         scheduler.start()
         session = Session(avatar, scheduler.engine, scheduler, fps=fps, clock=clock)
         encoding = EncodingPool(1)
-        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0), encoding)
+        feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0), encoding,
+                           InputLimits(1 << 17, 200, 1 << 20))
         checks = []
         for k in range(fps * 300):
             now[0] = clock.due(k)

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from lipstream.metrics import STAGE_SECONDS
+from lipstream.stream.capacity import Capacity, timed
+
 T = TypeVar("T")
 
 
@@ -23,11 +26,13 @@ def default_workers() -> int:
 
 
 class EncodingPool:
-    """`await pool.run(fn, *args)` runs fn(*args) on the pool's threads. `shutdown()` (at app shutdown)
-    stops them; running it afterwards raises RuntimeError."""
+    """`await pool.run(fn, *args)` runs fn(*args) on the pool's threads; `await pool.encode(pixels, fn,
+    *args)` too, timed as the "encode" stage of a frame of `pixels` pixels (reported to `capacity`).
+    `shutdown()` (at app shutdown) stops them; running it afterwards raises RuntimeError."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, capacity: Capacity | None = None):
         self.workers = workers or default_workers()
+        self.capacity = capacity
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._shut = False
@@ -42,6 +47,16 @@ class EncodingPool:
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor(), functools.partial(fn, *args))
+
+    async def encode(self, pixels: int, fn: Callable[..., T], /, *args: Any) -> T:
+        return await self.run(self._timed, pixels, fn, *args)
+
+    def _timed(self, pixels: int, fn: Callable[..., T], *args: Any) -> T:
+        result, timing = timed(fn, *args)
+        STAGE_SECONDS.labels("encode").observe(timing.wall)
+        if self.capacity is not None:
+            self.capacity.observe_encode(pixels, timing)
+        return result
 
     def shutdown(self, wait: bool = False) -> None:
         """Stop the threads: work not started is cancelled; with `wait`, what runs is waited for."""

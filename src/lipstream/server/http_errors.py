@@ -23,10 +23,13 @@ STATUS = (
     (errors.UploadTooLargeError, 413),
     (errors.AudioTooLongError, 413),
     (errors.AvatarSourceTooLongError, 413),
+    (errors.MessageTooLargeError, 413),
     (errors.SessionLimitError, 429),
     (errors.QueueFullError, 429),
+    (errors.JobLimitError, 429),
     (errors.WeightsError, 503),
     (errors.NotReadyError, 503),
+    (errors.OverloadedError, 503),
 )
 
 
@@ -38,7 +41,9 @@ def install(app: FastAPI) -> None:
     """Every error reply has the same shape: {"detail": text, "error": name}."""
     @app.exception_handler(errors.LipstreamError)
     async def lipstream_error(_: Request, exc: errors.LipstreamError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_for(exc))
+        retry = getattr(exc, "retry_after_s", None)
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_for(exc),
+                            headers=None if retry is None else {"Retry-After": str(retry)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

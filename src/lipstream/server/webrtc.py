@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
+import time
 from typing import Literal
 
 import av
@@ -32,13 +33,13 @@ from aiortc.mediastreams import MediaStreamError
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from lipstream.errors import BadRequestError, SessionNotFoundError
+from lipstream.errors import BadRequestError, InputRateError, SessionNotFoundError
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import CallerDep
 from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession, SessionRegistry
-from lipstream.server.viewer import apply_client_message, output_image
+from lipstream.server.viewer import InputLimits, apply_client_message, output_image
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,11 @@ class SessionFeed:
     20 ms pieces) to the audio track and its events to the data channel (once the client opened one).
     encoding: the pool that converts the frames."""
 
-    def __init__(self, entry: OpenSession, encoding: EncodingPool):
+    def __init__(self, entry: OpenSession, encoding: EncodingPool, limits: InputLimits):
         self.entry = entry
         self.encoding = encoding
+        self.limits = limits
+        self._refused_at: float | None = None  # when a message over the input rate was last reported
         self.video = FrameTrack("video", max(2, round(QUEUE_S * entry.fps)))
         self.audio = FrameTrack("audio", round(QUEUE_S * AUDIO_RATE / AUDIO_CHUNK))
         self.channel: RTCDataChannel | None = None
@@ -114,7 +117,7 @@ class SessionFeed:
         pool), its audio."""
         for event in frame.events:
             self._send(wire.event_message(event, frame.index, frame.pts))
-        self.video.offer(await self.encoding.run(self._video_frame, frame))
+        self.video.offer(await self.encoding.encode(self.entry.size[0] * self.entry.size[1], self._video_frame, frame))
         if self._samples_sent is None:  # the audio clock starts where the video's does
             self._samples_sent = round(frame.pts * AUDIO_RATE)
         self._push_audio(frame.audio)
@@ -129,7 +132,17 @@ class SessionFeed:
             self.audio.offer(None)
 
     def on_message(self, data: bytes | str) -> None:
-        reply = apply_client_message(self.entry, data)
+        """A data-channel message. One over the input rates is dropped (a data channel cannot be read
+        more slowly), which an error event says at most once a second."""
+        if not self.limits.allow(len(data) if isinstance(data, bytes) else len(data.encode())):
+            now = time.monotonic()
+            if self._refused_at is None or now - self._refused_at >= 1.0:
+                self._refused_at = now
+                self._send(wire.error_message(InputRateError.__name__, "messages are coming faster than this connection "
+                                              "may send them (settings max_messages_per_s, max_input_bytes_per_s); "
+                                              "some were dropped: send audio no faster than it plays"))
+            return
+        reply = apply_client_message(self.entry, data, self.limits.max_bytes)
         if reply is not None:
             self._send(reply)
 
@@ -158,7 +171,9 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
     registry: SessionRegistry = state.sessions
     entry = registry.get(session_id, caller.tenant)
     registry.attach(entry, "webrtc")
-    feed = SessionFeed(entry, state.encoding)
+    settings = state.settings
+    feed = SessionFeed(entry, state.encoding, InputLimits(settings.max_message_bytes, settings.max_messages_per_s,
+                                                          settings.max_input_bytes_per_s))
     pc = _peer_connection(state.settings.ice_servers)
     try:
         video = pc.addTransceiver(feed.video, direction="sendonly")

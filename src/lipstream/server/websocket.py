@@ -17,6 +17,7 @@ from fastapi import APIRouter, HTTPException, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from lipstream.audio.load import SAMPLE_RATE
+from lipstream.config import Settings
 from lipstream.errors import SessionBusyError, SessionNotFoundError
 from lipstream.media.jpeg import encode_jpeg, encode_jpeg_cuda, nvjpeg_available
 from lipstream.metrics import SERVER_FRAMES_SENT
@@ -24,7 +25,7 @@ from lipstream.server import wire
 from lipstream.server.auth import request_key
 from lipstream.server.encoding import EncodingPool
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import apply_client_message, output_image, output_tensor
+from lipstream.server.viewer import InputLimits, apply_client_message, output_image, output_tensor
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(4404 if isinstance(exc, SessionNotFoundError) else 4409, str(exc)[:120])
         return
     try:
-        await _serve(websocket, entry, state.encoding, state.settings.jpeg_quality, state.settings.jpeg_encoder)
+        await _serve(websocket, entry, state.encoding, state.settings)
     finally:
         await state.sessions.close(entry)
         if websocket.client_state == WebSocketState.CONNECTED:
@@ -66,10 +67,12 @@ def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int, enco
     return encode_jpeg(output_image(image, height), quality)
 
 
-async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPool, jpeg_quality: int,
-                 jpeg_encoder: str) -> None:
-    """Run until the client leaves or the session closes. The frames are encoded on `encoding`."""
+async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPool, settings: Settings) -> None:
+    """Run until the client leaves or the session closes. The frames are encoded on `encoding`; the
+    client's messages are read within the settings' input limits (a faster client is read more slowly)."""
     send_lock = asyncio.Lock()
+    limits = InputLimits(settings.max_message_bytes, settings.max_messages_per_s, settings.max_input_bytes_per_s)
+    pixels = entry.size[0] * entry.size[1]
 
     async def send(message: str | bytes) -> None:
         async with send_lock:
@@ -87,7 +90,8 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
         async for frame in session.frames():
             for event in frame.events:
                 await send(wire.event_message(event, frame.index, frame.pts))
-            jpeg = await encoding.run(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
+            jpeg = await encoding.encode(pixels, frame_jpeg, frame.image, entry.output_height, settings.jpeg_quality,
+                                         settings.jpeg_encoder)
             await send(wire.pack_frame(frame.index, frame.pts, frame.speaking, frame.audio, jpeg))
             SERVER_FRAMES_SENT.labels("websocket").inc()
 
@@ -97,9 +101,13 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes")
-            reply = apply_client_message(entry, data if data is not None else message.get("text") or "")
+            data = data if data is not None else message.get("text") or ""
+            reply = apply_client_message(entry, data, limits.max_bytes)
             if reply is not None:
                 await send(reply)
+            delay = limits.wait_s(len(data))
+            if delay > 0:
+                await asyncio.sleep(delay)
 
     tasks = [asyncio.create_task(frames_out()), asyncio.create_task(messages_in()),
              asyncio.create_task(entry.closed.wait())]
