@@ -13,6 +13,8 @@ BENCHMARKS = {
     "engine": ("engine", "MuseTalk UNet + VAE decode (random full-size weights): frames/s, latency, memory"),
     "serve": ("serve", "N clients speaking to live sessions in real time (through the server, or in-process): fps, first-frame latency, drops"),
     "avatar-prepare": ("avatar_prepare", "avatar preparation of a synthetic 10 s 720p face video, without latents"),
+    "soak": ("soak", "N sessions speaking for T minutes through the server: A/V offset, drops, RSS/threads/fds over time"),
+    "overload": ("overload", "sessions offered at a multiple of the server's capacity: drops of the admitted, refusals"),
 }
 
 

@@ -321,7 +321,9 @@ def _run_websocket(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[
     import torch
 
     with contextlib.ExitStack() as stack:
-        url, key = (args.url.rstrip("/"), args.key) if args.url else stack.enter_context(spawned_server(args))
+        # all N clients are served, however late that makes them: this benchmark measures that (admission: bench overload)
+        url, key = (args.url.rstrip("/"), args.key) if args.url else \
+            stack.enter_context(spawned_server(args, admission_control=False))
         headers = {"X-API-Key": key}
         ready = _ok(httpx.get(f"{url}/ready", headers=headers, timeout=30)).json()
         avatars = _ok(httpx.get(f"{url}/api/avatars", headers=headers, timeout=30)).json()["avatars"]
@@ -345,9 +347,12 @@ def _run_websocket(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[
 
 
 @contextlib.contextmanager
-def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+def spawned_server(args: argparse.Namespace, on_ready: Callable[[subprocess.Popen], None] | None = None,
+                   **settings: object) -> Iterator[tuple[str, str]]:
     """`lipstream serve` in a subprocess on a free localhost port, over a temporary avatars root that
-    holds the bench avatar (as `bench`), with one API key; stopped with SIGTERM. Yields (url, key)."""
+    holds the bench avatar (as `bench`), with one API key (also its metrics key); stopped with SIGTERM.
+    settings: more server settings (e.g. admission_control=False). on_ready(process): called once
+    the server is ready. Yields (url, key)."""
     import httpx
 
     from lipstream.avatar.store import save_avatar
@@ -360,7 +365,8 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         flags = {"host": "127.0.0.1", "port": port, "avatars_root": Path(folder) / "avatars",
                  "engine": args.engine, "models_root": args.models, "device": args.device, "fps": args.fps,
                  "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "api_keys": f"{key}=",
-                 "max_sessions_per_key": max(args.clients), "compile_mode": args.compile}
+                 "max_sessions_per_key": max(args.clients), "compile_mode": args.compile, "metrics_key": key,
+                 **settings}
         command = [sys.executable, "-m", "lipstream.cli", "serve",  # --flag=value: a key may start with "-"
                    *[f"{flag_name(name)}={value}" for name, value in flags.items() if value is not None]]
         log_path = Path(folder) / "server.log"
@@ -385,6 +391,8 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
                 if time.monotonic() > deadline:
                     raise failed(f"was not ready within {SERVER_READY_TIMEOUT_S:g} s")
                 time.sleep(0.2)
+            if on_ready is not None:
+                on_ready(server)
             yield url, key
         finally:
             stop_process(server, signal.SIGTERM)
@@ -475,8 +483,11 @@ async def _engine_totals(http) -> dict[str, float]:
     """The server's engine batch and engine time histograms' sums and counts, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    reply = await http.get("/metrics")
+    if reply.status_code in (401, 403):  # a server whose metrics key is not this key: no engine figures
+        return {}
     totals = {}
-    for family in text_string_to_metric_families(_ok(await http.get("/metrics")).text):
+    for family in text_string_to_metric_families(_ok(reply).text):
         if family.name not in ("lipstream_batch_frames", "lipstream_stage_seconds"):
             continue
         for sample in family.samples:
