@@ -114,3 +114,51 @@ def test_upload_folders_of_servers_that_are_gone_are_removed(tmp_path):
     os.utime(unnamed_old, (old, old))
     assert sorted(sweep_upload_folders(tmp_path)) == sorted([dead, unnamed_old])
     assert alive.is_dir() and unnamed_new.is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_running_preparation_and_removes_what_it_built(tmp_path, astronaut_bgr, photo):
+    """`lipstream serve` gets SIGTERM while it prepares an avatar from a video, with a photo job
+    queued behind it: after the grace period the preparation stops, its build folder is removed, the
+    queued job is reported failed in the log, and the server exits."""
+    import signal
+    import sys
+
+    import httpx
+
+    from lipstream.bench.serve import free_port
+
+    video = write_face_video(tmp_path / "long.mp4", astronaut_bgr, (240, 320), seconds=16)  # 400 frames
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "lipstream.cli", "serve", "--host", "127.0.0.1", "--port",
+                               str(port), "--avatars-root", str(tmp_path / "avatars"), "--api-keys", "k=",
+                               "--engine", "warp",
+                               "--shutdown-grace-s", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        wait_until(lambda: _ready(url), timeout_s=120)
+        with httpx.Client(base_url=url, headers={"X-API-Key": "k"}, timeout=30) as http:
+            running = http.post("/api/avatars", data={"name": "long"},
+                                files={"file": ("long.mp4", video.read_bytes(), "video/mp4")}).json()["job"]
+            http.post("/api/avatars", data={"name": "next"}, files={"file": ("p.png", photo.read_bytes(), "image/png")})
+            wait_until(lambda: http.get(f"/api/jobs/{running['id']}").json()["progress"] > 0.05)
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode in (0, -signal.SIGTERM), out
+    assert "waiting up to 0.3 s for the preparation of avatar 'long'" in out
+    assert "dropped: the server is shutting down" in out and "Application shutdown complete" in out
+    base = tenant_dir("", tmp_path / "avatars")
+    assert not base.exists() or not any(base.iterdir()), f"left behind: {list(base.iterdir())}"
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/ready", headers={"X-API-Key": "k"}, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from lipstream.config import Settings
 from lipstream.errors import LipstreamError, MessageTooLargeError
 from lipstream.server import wire
 from lipstream.server.registry import OpenSession
@@ -41,6 +42,11 @@ class InputLimits:
         self.now = now
         self._messages = _Bucket(messages_per_s, now())
         self._bytes = _Bucket(bytes_per_s, now())
+
+    @classmethod
+    def of(cls, settings: Settings) -> InputLimits:
+        """The limits the settings give every connection."""
+        return cls(settings.max_message_bytes, settings.max_messages_per_s, settings.max_input_bytes_per_s)
 
     def wait_s(self, size: int) -> float:
         """Count a message of `size` bytes; returns how long to wait before reading the next one to stay

@@ -171,9 +171,7 @@ async def offer(session_id: str, body: Offer, request: Request, caller: CallerDe
     registry: SessionRegistry = state.sessions
     entry = registry.get(session_id, caller.tenant)
     registry.attach(entry, "webrtc")
-    settings = state.settings
-    feed = SessionFeed(entry, state.encoding, InputLimits(settings.max_message_bytes, settings.max_messages_per_s,
-                                                          settings.max_input_bytes_per_s))
+    feed = SessionFeed(entry, state.encoding, InputLimits.of(state.settings))
     pc = _peer_connection(state.settings.ice_servers)
     try:
         video = pc.addTransceiver(feed.video, direction="sendonly")

@@ -71,7 +71,7 @@ async def _serve(websocket: WebSocket, entry: OpenSession, encoding: EncodingPoo
     """Run until the client leaves or the session closes. The frames are encoded on `encoding`; the
     client's messages are read within the settings' input limits (a faster client is read more slowly)."""
     send_lock = asyncio.Lock()
-    limits = InputLimits(settings.max_message_bytes, settings.max_messages_per_s, settings.max_input_bytes_per_s)
+    limits = InputLimits.of(settings)
     pixels = entry.size[0] * entry.size[1]
 
     async def send(message: str | bytes) -> None:

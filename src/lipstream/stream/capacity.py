@@ -109,7 +109,7 @@ class _EngineCosts:
     calls: dict[int, _Average] = field(default_factory=dict)  # batch size -> seconds of one generate call
     features: _Average = field(default_factory=_Average)  # seconds per frame of live features
     composite: _Average = field(default_factory=_Average)  # seconds per frame per pixel
-    features_pending: tuple[float, int] = (0.0, 0)  # passes that gave no frame yet: (seconds, 0)
+    features_pending_s: float = 0.0  # time of the passes that gave no frame yet
 
     def per_frame(self, batch: int) -> float:
         """Engine seconds per frame in batches of `batch`: a straight line a + c*b through the
@@ -181,6 +181,7 @@ def _frames_shown() -> float:
 
 
 def _frames_late() -> float:
+    """Speech frames all sessions of this process showed without their face."""
     return REGISTRY.get_sample_value("lipstream_dropped_frames_total") or 0.0
 
 
@@ -234,13 +235,10 @@ class Capacity:
         """One live feature pass gave `frames` frames (maybe 0) in `timing`."""
         with self._lock:
             costs = self._engines[engine]
-            seconds = timing.cpu if costs.on_host else timing.wall
-            pending_s, _ = costs.features_pending
-            if frames == 0:
-                costs.features_pending = (pending_s + seconds, 0)
-            else:
-                costs.features.add((pending_s + seconds) / frames)
-                costs.features_pending = (0.0, 0)
+            costs.features_pending_s += timing.cpu if costs.on_host else timing.wall
+            if frames:
+                costs.features.add(costs.features_pending_s / frames)
+                costs.features_pending_s = 0.0
             if costs.on_host:
                 self._host_stage_s += timing.cpu
 
