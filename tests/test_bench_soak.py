@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lipstream.bench.soak import Watch, _find
+from lipstream.bench.soak import Watch, _find, onset_marker
 from lipstream.cli import main
 
 
@@ -16,15 +16,17 @@ def test_a_watch_finds_utterance_onsets_and_the_av_offset():
     """Frames of 640 samples at 25 fps; an utterance whose first samples arrive 1 frame after the frame
     marked as its start shows an onset offset of 1 frame; audio and frames match: A/V offset 0."""
     rng = np.random.default_rng(0)
-    speech = rng.integers(-3000, 3000, 4000).astype(np.int16)
+    speech = np.concatenate([np.zeros(100, np.int16), rng.integers(-9000, 9000, 4000).astype(np.int16)])
     stream = np.concatenate([np.zeros(640 * 10, np.int16), speech, np.zeros(640 * 40, np.int16)])
+    head, head_at = onset_marker(speech)
+    assert head_at >= 100 and np.abs(head[0]) > 2000
     watch = Watch(25)
     watch._started.append(9)  # the server said frame 9; the speech is in frame 10
     for index in range(stream.shape[0] // 640):
         watch.frame(index, stream[640 * index:640 * (index + 1)], float(index))
-        watch.measure_onsets(speech[:320])
+        watch.measure_onsets(head, head_at)
     assert watch.onsets == [1.0] and watch.av_offset_frames() == 0 and watch.missing == 0
-    assert list(_find(stream, speech[:320])) == [6400]
+    assert list(_find(stream, head)) == [6400 + head_at]
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from lipstream.bench.report import device_name, format_table, write_results
 from lipstream.errors import LipstreamError
 
 SAMPLE_RATE = 16000
-ONSET_SAMPLES = 320  # an utterance is found in the audio stream by its first 20 ms
+ONSET_SAMPLES = 320  # an utterance is found in the audio stream by 20 ms of it
 WINDOW_S = 4.0  # received audio kept to find utterance starts in
 
 
@@ -101,11 +101,12 @@ class Watch:
         while self._window and self.samples - self._window[0][0] > WINDOW_S * SAMPLE_RATE:
             self._window.popleft()
 
-    def measure_onsets(self, head: np.ndarray) -> None:
-        """Find the utterances started a second ago or more by their first samples `head` (int16 [m])."""
+    def measure_onsets(self, head: np.ndarray, head_at: int = 0) -> None:
+        """Find the utterances started a second ago or more by their samples `head` (int16 [m]), which
+        come `head_at` samples after an utterance's first."""
         while self._started and self.frames - self._started[0] > self.fps:
             index = self._started.popleft()
-            start = index * SAMPLE_RATE // self.fps
+            start = index * SAMPLE_RATE // self.fps + head_at
             if not self._window or self._window[0][0] > start:
                 continue  # fell out of the window (a stall): not measured
             base = self._window[0][0]
@@ -121,11 +122,20 @@ class Watch:
 
 
 def _find(audio: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """Start positions of `head` in `audio` (int16 arrays)."""
-    if audio.shape[0] < head.shape[0]:
+    """Start positions of `head` in `audio` (int16 arrays; `head` should start with loud samples, so
+    that few positions match its first two)."""
+    m = head.shape[0]
+    if audio.shape[0] < m:
         return np.zeros(0, np.int64)
-    candidates = np.flatnonzero(audio[: audio.shape[0] - head.shape[0] + 1] == head[0])
-    return np.array([i for i in candidates if np.array_equal(audio[i:i + head.shape[0]], head)], np.int64)
+    last = audio.shape[0] - m + 1
+    candidates = np.flatnonzero((audio[:last] == head[0]) & (audio[1:last + 1] == head[1]))
+    return np.array([i for i in candidates if np.array_equal(audio[i:i + m], head)], np.int64)
+
+
+def onset_marker(speech: np.ndarray) -> tuple[np.ndarray, int]:
+    """(samples an utterance of `speech` is found by, where they start in it): its first loud stretch."""
+    at = int(np.argmax(np.abs(speech.astype(np.int32)) > 2000))
+    return speech[at:at + ONSET_SAMPLES], at
 
 
 async def speak_and_watch(http, url: str, key: str, session: dict, speech: np.ndarray, args: argparse.Namespace,
@@ -138,29 +148,33 @@ async def speak_and_watch(http, url: str, key: str, session: dict, speech: np.nd
     from lipstream.server import wire
 
     watch = Watch(args.fps)
-    head = speech[:ONSET_SAMPLES]
+    head, head_at = onset_marker(speech)
     ws_url = "ws" + url.removeprefix("http") + session["ws"]
     async with connect(ws_url, additional_headers={"X-API-Key": key}, max_size=None) as ws:
         async def send(chunk: np.ndarray | None) -> None:
             await ws.send(json.dumps({"type": "end"}) if chunk is None else chunk.astype("<i2", copy=False).tobytes())
 
         producer = asyncio.create_task(_speak(send, speech, args, stop_at, rng, deque()))
+        final: asyncio.Task | None = None  # the session's stats at stop_at, asked for while still reading
         try:
             async for message in ws:
                 now = time.monotonic()
+                if final is None and now >= stop_at:
+                    final = asyncio.create_task(http.get(f"/api/sessions/{session['id']}/stats"))
+                if final is not None and final.done():
+                    break
                 if isinstance(message, str):
                     event = json.loads(message)
                     if event["type"] == "speech_started":
                         watch._started.append(event["index"])
                     continue
                 frame = wire.unpack_frame(message)
-                watch.frame(frame.index, frame.audio, now)
-                watch.measure_onsets(head)
-                if now >= stop_at:
-                    break
+                if final is None:
+                    watch.frame(frame.index, frame.audio, now)
+                    watch.measure_onsets(head, head_at)
         finally:
             producer.cancel()
-        reply = await http.get(f"/api/sessions/{session['id']}/stats")
+        reply = await final if final is not None else await http.get(f"/api/sessions/{session['id']}/stats")
         stats = reply.json()["stats"] if reply.status_code == 200 else {}
     await http.delete(f"/api/sessions/{session['id']}")
     return watch, stats

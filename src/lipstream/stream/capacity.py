@@ -23,8 +23,10 @@ A session is counted as if it always spoke (its worst case): fps x (engine + fea
 the engine's cost per frame taken at the batch size that as many sessions fill (up to `max_batch`).
 `admit` refuses (OverloadedError) a session that would take any resource past `target` of it (for
 `cpu`: past `target` of the cores, counting what other processes take), so that the admitted sessions
-keep their deadlines; a server without sessions admits one that fits `target` of its machine however
-busy other processes keep it. `report()` gives the free capacity in units a cluster can compare: frames per second and
+keep their deadlines, and any session while the open ones are missing frames (a frame shed or shown
+without its face in the last seconds: the model's figures are then too low, whatever they say); a
+server without sessions admits one that fits `target` of its machine however busy other processes
+keep it. `report()` gives the free capacity in units a cluster can compare: frames per second and
 sessions at a reference size (720p at the default frame rate).
 
 Thread-safe: stages report from their worker threads."""
@@ -56,8 +58,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REFERENCE_FRAME = (720, 1280)  # (height, width) free sessions are counted at
-OVERHEAD_PRIOR_S = 0.001  # per-frame host work no stage times, until measured: ~0.8 ms at 720p (2-core Xeon)
+OVERHEAD_PRIOR_S = 0.002  # per-frame host work no stage accounts for, until measured (1-2 ms at 720p on a 2-core Xeon)
 OVERHEAD_SAMPLES = 30  # per-second samples its estimate is the median of
+OTHERS_SAMPLES = 30  # per-second samples of other processes' use; its estimate is their 80th percentile
 ALPHA = 0.1  # weight of a new measurement in the moving averages
 RETRY_AFTER_S = 10  # sessions last minutes: a refused client should not retry at once
 BEHIND_HOLD_S = 2.0  # how long after a shed or dropped frame the live sessions count as behind
@@ -206,7 +209,7 @@ class Capacity:
         self._engines: dict[str, _EngineCosts] = {}
         self._encode = _Average()  # seconds per output pixel
         self._residuals: deque[float] = deque(maxlen=OVERHEAD_SAMPLES)  # host s per frame no stage accounts for
-        self._others = _Average()  # cores other processes keep busy
+        self._others: deque[float] = deque(maxlen=OTHERS_SAMPLES)  # cores other processes kept busy, per second
         self._host_stage_s = 0.0  # host stage seconds since the last sample
         self._sessions: dict[str, Demand] = {}
         self._behind_until = -math.inf
@@ -277,7 +280,7 @@ class Capacity:
             if shown >= 5:
                 self._residuals.append(max(0.0, (used - stage_s) / shown))
             if busy is not None and last[3] is not None:
-                self._others.add(max(0.0, (busy - last[3] - used) / dt))
+                self._others.append(max(0.0, (busy - last[3] - used) / dt))
 
     # ---- what the server asks ----------------------------------------------------------------
 
@@ -303,6 +306,15 @@ class Capacity:
         Background work (avatar preparation) pauses while they are."""
         with self._lock:
             return self.now() < self._behind_until
+
+    @property
+    def others(self) -> float:
+        """Cores other processes keep busy: the 80th percentile of the last seconds (they come and go;
+        a session admitted now must keep its frame rate when they come back)."""
+        if not self._others:
+            return 0.0
+        ranked = sorted(self._others)
+        return ranked[min(len(ranked) - 1, int(0.8 * len(ranked)))]
 
     @property
     def overhead_s(self) -> float:
@@ -336,7 +348,7 @@ class Capacity:
                               "height": REFERENCE_FRAME[0]},
                 "target": self.target,
                 "cores": round(self.cores, 2),
-                "other_processes_cores": round(self._others.value or 0.0, 2),
+                "other_processes_cores": round(self.others, 2),
                 "load": {r: round(v, 3) for r, v in load.items()},
                 "budget": {r: round(v, 3) for r, v in budget.items()},
                 "frame_ms": {
@@ -355,7 +367,7 @@ class Capacity:
     def _budget(self, *, whole_machine: bool = False) -> dict[str, float]:
         """What sessions may use: `target` of the machine's cores less what other processes take, `target`
         of each engine's time. whole_machine: as if no other process ran."""
-        others = 0.0 if whole_machine else self._others.value or 0.0
+        others = 0.0 if whole_machine else self.others
         return {"cpu": max(0.0, self.cores * self.target - others),
                 **{f"engine:{name}": self.target for name in self._engines}}
 
@@ -380,6 +392,10 @@ class Capacity:
 
     def _check(self, demand: Demand) -> None:
         sessions = [*self._sessions.values(), demand]
+        if self._sessions and self.now() < self._behind_until:
+            raise OverloadedError(f"this server is at capacity: its {len(self._sessions)} sessions are missing "
+                                  "frames now (faces not ready in time); try again in a while, or another server",
+                                  RETRY_AFTER_S)
         if self._fits(sessions, self._budget()):
             return
         if not self._sessions and self._fits(sessions, self._budget(whole_machine=True)):
@@ -387,7 +403,7 @@ class Capacity:
         load, budget = self._load(sessions), self._budget()
         resource = max(load, key=lambda r: load[r] / budget[r] if budget[r] else math.inf)
         what = (f"{load[resource]:.2f} CPU cores, more than the {budget[resource]:.2f} it gives them ({self.cores:g} "
-                f"cores, {self._others.value or 0.0:.1f} busy with other work, capacity_target {self.target:g})"
+                f"cores, {self.others:.1f} busy with other work, capacity_target {self.target:g})"
                 if resource == "cpu" else
                 f"{load[resource]:.0%} of engine {resource.split(':', 1)[1]}'s time, more than its "
                 f"{budget[resource]:.0%} (capacity_target)")
