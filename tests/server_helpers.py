@@ -22,6 +22,7 @@ from lipstream.bench.serve import free_port
 from lipstream.config import Settings, load_settings
 from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
+from lipstream.server.serve import uvicorn_config
 from lipstream.synthetic import astronaut_bgr
 
 
@@ -59,21 +60,24 @@ def pcm16(samples: np.ndarray) -> bytes:
 
 def server_settings(avatars_root: Path, **overrides) -> Settings:
     """Settings for a test server (no env vars read): keys k-default (default tenant), k-other (tenant
-    "other") unless `api_keys` is given."""
+    "other") unless `api_keys` is given; metrics key k-metrics. Admission control is off (tests open
+    sessions whatever the load of the machine) unless `admission_control` is given."""
     flags = {"avatars_root": str(avatars_root), "models_root": str(avatars_root / "no-models"),
-             "api_keys": {"k-default": "", "k-other": "other"}, **overrides}
+             "api_keys": {"k-default": "", "k-other": "other"}, "metrics_key": "k-metrics",
+             "admission_control": False, **overrides}
     return load_settings(flags, environ={})
 
 
 class LiveServer:
-    """A uvicorn server for `app` on a free port, on a thread with its own event loop."""
+    """A uvicorn server for `app` on a free port, on a thread with its own event loop, configured as
+    `lipstream serve` configures it (`uvicorn_config`). log_level: uvicorn's."""
 
-    def __init__(self, app, host: str = "127.0.0.1"):
+    def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning"):
         self.app = app
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.settings, host=host, port=self.port,
+                                                    log_level=log_level, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
     def __enter__(self) -> Self:

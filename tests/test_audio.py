@@ -26,6 +26,7 @@ from lipstream.audio.features import num_whisper_steps
 from lipstream.audio.load import resampler_delay
 from lipstream.errors import (
     AudioDecodeError,
+    AudioFormatError,
     AudioNotFoundError,
     AudioTooLongError,
     EmptyAudioError,
@@ -168,6 +169,39 @@ def test_too_long_raises(tmp_path):
     with pytest.raises(AudioTooLongError, match=r"long\.wav"):
         load_audio(path, max_seconds=1.5)
     assert load_audio(path, max_seconds=2.0).shape == (math.ceil(44100 * 16000 / 22050),)
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "long.flac"
+    sf.write(path, sine(200, 3.0, 48000), 48000, format="FLAC")
+    with pytest.raises(AudioTooLongError, match=r"it declares 3\.0 s"):
+        load_audio(path, max_seconds=2.0)
+
+
+def test_an_absurd_sample_rate_is_refused_before_decoding():
+    """FLAC allows 655350 Hz: 599 s of it would decode to 1.5 GB of float samples."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(655350, np.float32), 655350, format="FLAC")
+    with pytest.raises(AudioFormatError, match="655350 Hz"):
+        load_audio(buffer.getvalue())
+
+
+def test_decoding_holds_only_the_16k_result(tmp_path):
+    """10 s of 192 kHz stereo is resampled as it is decoded: the float samples held at any time are
+    about the 16 kHz result (640 kB), not the source's 7.7 MB of mono floats."""
+    import tracemalloc
+
+    path = tmp_path / "hi.wav"
+    tone = sine(440, 10.0, 192000)
+    sf.write(path, np.stack([tone, tone], axis=1), 192000, subtype="PCM_16")
+    tracemalloc.start()
+    try:
+        audio = load_audio(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert audio.shape == (160000,) and abs(peak_hz(audio) - 440) < 2
+    assert peak < 4 * audio.nbytes, f"peak {peak / 1e6:.1f} MB while decoding"
 
 
 def test_pcm_stream_matches_one_shot():

@@ -487,7 +487,7 @@ def test_cache_never_waits_for_another_avatars_load(tmp_path, monkeypatch):
         if name == "slow":
             slow_started.set()
             assert release.wait(30), "the slow load was never released"
-        return SimpleNamespace(name=name, load=len(loads))
+        return SimpleNamespace(name=name, load=len(loads), nbytes=0)
 
     monkeypatch.setattr(store_module, "load_avatar", fake_load)
     cache = AvatarCache(tmp_path)
@@ -539,26 +539,82 @@ def test_cli(tmp_path, grace_hopper_path, capsys):
 
 
 def test_stale_build_folders_of_killed_runs_are_swept(tmp_path):
-    """A killed prepare leaves `.tmp-*`/`.old-*` folders; old ones are removed, young ones (a build that
-    may still be running) and avatars are kept."""
-    import os
-    import time
-
-    from lipstream.avatar.layout import tenant_dir
+    """A killed write leaves `.tmp-*`/`.old-*`/`.del-*` folders: old builds are removed; an old copy is
+    removed when its avatar exists, and put back when it is the only copy (killed between the two
+    renames of an overwrite); deletions in progress are finished whatever their age; young builds
+    (that may still be running) and avatars are kept."""
     from lipstream.avatar.store import STALE_BUILD_S, sweep_stale_builds
 
     made = {}
     for tenant in ("", "acme"):
         base = tenant_dir(tenant, tmp_path)
-        for name in (".tmp-anna-1234abcd", ".old-anna-5678abcd", ".tmp-bob-young000", "anna"):
+        for name in (".tmp-anna-1234abcd", ".old-anna-5678abcd", ".tmp-bob-00000000", "anna",
+                     ".old-carl-9abcdef0", ".old-carl-0fedcba9", ".del-dora-11112222", ".old-eve-33334444"):
             (base / name).mkdir(parents=True)
-            (base / name / "f.png").write_bytes(b"x")
+            (base / name / "f.png").write_bytes(name.encode())
             made[tenant, name] = base / name
-        for name in (".tmp-anna-1234abcd", ".old-anna-5678abcd", "anna"):
-            old = time.time() - STALE_BUILD_S - 60
+        old = time.time() - STALE_BUILD_S - 60
+        for name in (".tmp-anna-1234abcd", ".old-anna-5678abcd", "anna", ".old-carl-9abcdef0"):
             os.utime(base / name, (old, old))
-    removed = sweep_stale_builds(["", "acme", "nobody"], tmp_path)
-    assert sorted(removed) == sorted(made[t, n] for t in ("", "acme") for n in (".tmp-anna-1234abcd",
-                                                                                 ".old-anna-5678abcd"))
+        older = old - 60  # carl's other old copy: the older of the two
+        os.utime(base / ".old-carl-0fedcba9", (older, older))
+    done = sweep_stale_builds(["", "acme", "nobody"], tmp_path)
     for tenant in ("", "acme"):
-        assert made[tenant, ".tmp-bob-young000"].is_dir() and made[tenant, "anna"].is_dir()
+        base = tenant_dir(tenant, tmp_path)
+        mine = {(what, path.name) for what, path in done if path.parent == base}
+        assert mine == {("removed", ".tmp-anna-1234abcd"), ("removed", ".old-anna-5678abcd"),
+                        ("restored", "carl"), ("removed", ".old-carl-0fedcba9"), ("removed", ".del-dora-11112222")}
+        assert (base / "carl" / "f.png").read_bytes() == b".old-carl-9abcdef0", "the newest old copy is back"
+        for kept in (".tmp-bob-00000000", "anna", ".old-eve-33334444"):
+            assert made[tenant, kept].is_dir(), kept
+        assert not (base / "dora").exists()
+
+
+def _small_avatar(root: Path, name: str, tenant: str = "", size: tuple[int, int] = (96, 128)) -> Path:
+    from lipstream.avatar.store import save_avatar
+    from lipstream.synthetic import make_scene, scene_avatar
+
+    scene = make_scene(size, (40, 20, 88, 76))
+    return save_avatar(scene_avatar([scene], name), tenant=tenant, root=root)
+
+
+def test_cache_unloads_the_least_recently_used_avatars_over_its_budget(tmp_path):
+    for name in ("a", "b", "c"):
+        _small_avatar(tmp_path, name)
+    one = load_avatar("a", root=tmp_path).nbytes
+    cache = AvatarCache(tmp_path, max_bytes=2 * one)
+    first_a = cache.get("a")
+    cache.get("b")
+    assert cache.trim() == [] and cache.nbytes == 2 * one
+    cache.get("a")  # a is used again: b is now the least recently used
+    cache.get("c")
+    assert cache.trim() == [("", "b")] and cache.loaded == [("", "a"), ("", "c")]
+    assert cache.get("a") is first_a, "kept, not loaded again"
+    cache.get("b")
+    assert cache.trim(keep={("", "c")}) == [("", "a")], "an avatar in use is never unloaded"
+    assert cache.nbytes == 2 * one
+    unbounded = AvatarCache(tmp_path)
+    for name in ("a", "b", "c"):
+        unbounded.get(name)
+    assert unbounded.trim() == [] and len(unbounded.loaded) == 3
+
+
+def test_cache_makes_what_is_derived_from_an_avatar_once(tmp_path):
+    """Two first requests at once: one loads the avatar and makes its derived value, the other waits
+    for it; a value is made again only for a new tag or a replaced avatar, and goes with the avatar."""
+    _small_avatar(tmp_path, "a")
+    cache = AvatarCache(tmp_path)
+    made = []
+
+    def make(avatar):
+        made.append(avatar)
+        time.sleep(0.2)  # long enough for the other request to arrive meanwhile
+        return object()
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: cache.get_derived("a", "", "warp", make), range(2)))
+    assert len(made) == 1 and results[0][1] is results[1][1] and results[0][0] is results[1][0]
+    assert cache.get_derived("a", "", "warp", make)[1] is results[0][1]
+    assert cache.get_derived("a", "", "musetalk", make)[1] is not results[0][1] and len(made) == 2
+    cache.evict("a")
+    assert cache.get_derived("a", "", "warp", make)[1] is not results[0][1] and len(made) == 3

@@ -65,7 +65,7 @@ async def test_frames_of_several_sessions_share_one_generate_call_and_come_back_
 
 async def test_batches_are_bounded_and_earliest_deadline_first():
     engine = CountingWarp()
-    scheduler = Scheduler(engine, max_batch=4)
+    scheduler = Scheduler(engine, max_batch=4, now=FakeNow(0.0))  # no deadline has passed: none is shed
     scheduler.start()
     _, material = small_avatar()
     states = mouth_states(10, seed=7)
@@ -116,9 +116,9 @@ async def test_composited_results_and_engine_failures():
 async def test_a_session_that_stops_reading_stalls_no_other_session():
     """Three sessions are fed 8 s of speech each and never read a frame; another one speaks and
     reads. Its frames all come with faces, and the idle readers hold no more than their window."""
-    scheduler = Scheduler(CountingWarp(), max_batch=8)
-    scheduler.start()
     now = FakeNow()
+    scheduler = Scheduler(CountingWarp(), max_batch=8, now=now)
+    scheduler.start()
     stuck = [make_session(scheduler.engine, scheduler, now, ahead_s=0.2) for _ in range(3)]
     for i, session in enumerate(stuck):
         session.push_audio(speech(8.0, seed=i))
@@ -143,9 +143,9 @@ async def test_frames_that_wait_while_the_engine_is_busy_go_in_one_batch():
     """Three sessions speak at once; the engine is held on its first call. Everything submitted
     meanwhile, from all three sessions, goes into the next call."""
     engine = GatedWarp()
-    scheduler = Scheduler(engine, max_batch=32)
-    scheduler.start()
     now = FakeNow()
+    scheduler = Scheduler(engine, max_batch=32, max_wait_ms=0, now=now)  # the first frame goes at once
+    scheduler.start()
     sessions = [make_session(engine, scheduler, now) for _ in range(3)]
     for i, session in enumerate(sessions):
         session.push_audio(voiced_speech(0.4, seed=20 + i))

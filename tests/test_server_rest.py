@@ -62,7 +62,8 @@ def test_only_the_page_and_health_are_open(client):
     page = client.get("/")
     assert page.status_code == 200 and "lipstream" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
-    for path in ["/ready", "/metrics", "/api/avatars", "/api/config", "/api/sessions"]:
+    for path in ["/ready", "/api/avatars", "/api/config", "/api/sessions", "/api/capacity", "/api/stats",
+                 "/docs", "/redoc", "/openapi.json"]:
         reply = client.get(path)
         assert reply.status_code == 401, path
         assert "API key" in reply.json()["detail"]
@@ -70,9 +71,26 @@ def test_only_the_page_and_health_are_open(client):
     assert client.get("/api/avatars?key=k-default").status_code == 200
 
 
-def test_ready_names_the_engine_and_counts_the_avatars(client):
+def test_api_docs_need_a_key_and_can_be_turned_off(client, avatars_root):
+    schema = client.get("/openapi.json", headers=DEFAULT)
+    assert schema.status_code == 200 and "/api/sessions" in schema.json()["paths"]
+    for page in ("/docs", "/redoc"):
+        reply = client.get(page, headers=OTHER)
+        assert reply.status_code == 200 and "/openapi.json?key=k-other" in reply.text
+    quiet = start(create_app(server_settings(avatars_root, api_docs=False), engine=WarpEngine()))
+    try:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert quiet.get(path, headers=DEFAULT).status_code == 404, path
+    finally:
+        quiet.__exit__(None, None, None)
+
+
+def test_ready_names_the_engine_and_loads_avatars_on_first_use(client):
     body = client.get("/ready", headers=DEFAULT).json()
-    assert body["ready"] and body["engine"] == "warp" and body["avatars_loaded"] == 2
+    assert body["ready"] and body["engine"] == "warp" and body["avatars_loaded"] == 0
+    assert body["capacity"]["free_sessions"] >= 1 and body["capacity"]["free_fps"] > 0
+    new_session(client)
+    assert client.get("/ready", headers=DEFAULT).json()["avatars_loaded"] == 1
 
 
 def test_tenants_see_only_their_avatars_and_sessions(client):
@@ -156,10 +174,47 @@ def test_chunked_upload_over_the_cap_is_refused(client):
     assert video.status_code == 413 and "max_upload_bytes" in video.json()["detail"]
 
 
-def test_metrics_export_the_server_and_stream_metrics(client):
+def test_metrics_need_the_metrics_key_and_tenants_see_only_their_own_stats(client):
     new_session(client)
-    text = client.get("/metrics", headers=DEFAULT).text
+    text = client.get("/metrics", headers={"Authorization": "Bearer k-metrics"}).text
     assert "lipstream_active_sessions" in text and "lipstream_server_viewers" in text
+    assert "lipstream_shed_frames" in text
+    assert client.get("/metrics").status_code == 401
+    for key in ("k-default", "k-other"):
+        refused = client.get("/metrics", headers={"X-API-Key": key})
+        assert refused.status_code == 403 and "/api/stats" in refused.json()["detail"]
+    mine = client.get("/api/stats", headers=DEFAULT).json()
+    assert mine["tenant"] == "" and mine["sessions"] == 1 and mine["jobs"]["queued"] == 0
+    theirs = client.get("/api/stats", headers=OTHER).json()
+    assert theirs["tenant"] == "other" and theirs["sessions"] == 0 and theirs["frames_sent"] == 0
+
+
+def test_metrics_are_off_without_a_metrics_key(avatars_root):
+    client = start(create_app(server_settings(avatars_root, metrics_key=""), engine=WarpEngine()))
+    try:
+        reply = client.get("/metrics", headers={"Authorization": "Bearer k-default"})
+        assert reply.status_code == 403 and "metrics_key" in reply.json()["detail"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_output_larger_than_the_avatar_needs_the_upscaling_setting(client, avatars_root):
+    refused = client.post("/api/sessions", json={"avatar": "astronaut", "output_height": 4320}, headers=DEFAULT)
+    assert refused.status_code == 400 and refused.json()["error"] == "OutputTooLargeError"
+    assert "allow_upscaling" in refused.json()["detail"] and "512" in refused.json()["detail"]
+    assert new_session(client, output_height=512)["height"] == 512
+    allowing = start(create_app(server_settings(avatars_root, allow_upscaling=True, output_height=1024),
+                                engine=WarpEngine()))
+    try:
+        assert new_session(allowing)["height"] == 1024, "the setting's height, allowed to scale up"
+        assert new_session(allowing, output_height=768)["height"] == 768
+    finally:
+        allowing.__exit__(None, None, None)
+    scaled_down_only = start(create_app(server_settings(avatars_root, output_height=1024), engine=WarpEngine()))
+    try:
+        assert new_session(scaled_down_only)["height"] == 512, "the setting never scales an avatar up"
+    finally:
+        scaled_down_only.__exit__(None, None, None)
 
 
 def test_sessions_without_a_viewer_are_closed_after_the_timeout(avatars_root):

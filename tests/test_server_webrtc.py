@@ -71,6 +71,7 @@ def test_video_audio_and_events_over_webrtc(server):
         pc, tracks, messages, opened = await connect(server, sid)
         channel = await asyncio.wait_for(opened.get(), 15)
         assert set(tracks) == {"video", "audio"}
+        channel.send("[" * 4000)  # nested too deeply for json.loads: an error event, the call goes on
         first = await asyncio.wait_for(tracks["video"].recv(), 15)
         began = time.monotonic()
         pcm = pcm16(speech(1.0))
@@ -109,6 +110,7 @@ def test_video_audio_and_events_over_webrtc(server):
     assert types[:3] == ["error", "speech_started", "speech_ended"] or \
         ["speech_started", "speech_ended"] == [t for t in types if t != "error"]
     assert "error" in types
+    assert any("nested too deeply" in m.get("message", "") for m in got["messages"])
     deadline = time.monotonic() + 10
     while httpx.get(f"{server.url}/api/sessions/{sid}/stats", headers=KEY).status_code != 404:
         assert time.monotonic() < deadline, "hanging up did not close the session"
@@ -199,7 +201,8 @@ def test_audio_and_video_timestamps_share_one_clock():
         session = Session(avatar, scheduler.engine, scheduler, fps=fps, clock=clock)
         encoding = EncodingPool(1)
         feed = SessionFeed(OpenSession(session, "k", "", "tiny", "warp", fps, (16, 16), 0),
-                           SimpleNamespace(encoding=encoding))
+                           SimpleNamespace(encoding=encoding, settings=SimpleNamespace(
+                               max_message_bytes=1 << 17, max_messages_per_s=200, max_input_bytes_per_s=1 << 20)))
         checks = []
         for k in range(fps * 300):
             now[0] = clock.due(k)

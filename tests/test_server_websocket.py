@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from lipstream.engines.warp import WarpEngine
 from lipstream.server import wire
 from lipstream.server.app import create_app
+from lipstream.server.viewer import InputLimits
 from lipstream.synthetic import speech
 from musetalk_tiny import write_tiny_musetalk
 from server_helpers import narrow_avatar, pcm16, server_settings, store_avatar
@@ -117,6 +118,61 @@ def test_bad_messages_get_errors_and_the_stream_goes_on(client):
         assert "JSON" in texts[0]["message"] and "dance" in texts[1]["message"] and "PCM16" in texts[2]["message"]
         assert texts[3]["t"] == 12.5
         assert all(isinstance(receive(ws), wire.WireFrame) for _ in range(3)), "frames keep coming"
+
+
+def test_nested_and_oversized_messages_get_errors_and_the_connection_stays(client):
+    """Deeply nested JSON (which json.loads cannot parse without running out of stack), control text
+    beyond its bound and a binary message over max_message_bytes are each answered with an error
+    event; the connection and its stream go on."""
+    sid = session(client)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws", headers={"X-API-Key": "k-default"}) as ws:
+        receive(ws)  # hello
+        ws.send_text("[" * 4000)
+        ws.send_text("[" * 100_000)
+        ws.send_bytes(b"\0\0" * 70_000)  # 140 kB > 128 KiB
+        ws.send_text(json.dumps({"type": "ping", "t": 1}))
+        texts = []
+        while len(texts) < 4:
+            message = receive(ws)
+            if isinstance(message, str):
+                texts.append(json.loads(message))
+        assert [t.get("code") for t in texts] == ["BadRequestError", "BadRequestError", "MessageTooLargeError", None]
+        assert "nested too deeply" in texts[0]["message"] and "4096 characters" in texts[1]["message"]
+        assert "max_message_bytes" in texts[2]["message"] and texts[3] == {"type": "pong", "t": 1}
+        assert all(isinstance(receive(ws), wire.WireFrame) for _ in range(3)), "frames keep coming"
+    assert client.get(f"/api/sessions/{sid}/stats?key=k-default").status_code == 404, "closed by the client only"
+
+
+def test_a_flooding_client_is_read_at_its_rate(tmp_path):
+    """max_messages_per_s=50: 150 tiny messages sent at once take the server about (150 - 50) / 50 s to
+    read (the first second's worth is a burst), so the ping behind them is answered no sooner."""
+    store_avatar(tmp_path)
+    app = create_app(server_settings(tmp_path, max_messages_per_s=50), engine=WarpEngine())
+    with TestClient(app) as client:
+        while client.get("/ready?key=k-default").status_code != 200:
+            time.sleep(0.05)
+        sid = session(client)
+        with client.websocket_connect(f"/api/sessions/{sid}/ws", headers={"X-API-Key": "k-default"}) as ws:
+            receive(ws)  # hello
+            began = time.monotonic()
+            for _ in range(150):
+                ws.send_bytes(b"\0\0")
+            ws.send_text(json.dumps({"type": "ping", "t": 0}))
+            while not isinstance(message := receive(ws), str) or json.loads(message)["type"] != "pong":
+                pass
+            assert time.monotonic() - began >= 1.8
+
+
+def test_input_limits_count_messages_and_bytes():
+    now = [0.0]
+    limits = InputLimits(1000, messages_per_s=10, bytes_per_s=100, now=lambda: now[0])
+    assert [limits.wait_s(1) for _ in range(10)] == [0.0] * 10, "a second's worth at once"
+    assert limits.wait_s(1) == pytest.approx(0.1)
+    now[0] = 1.1
+    assert limits.wait_s(100) == 0.0 and limits.wait_s(50) == pytest.approx(0.5), "bytes count too"
+    assert not limits.allow(1), "in debt: the data channel drops"
+    now[0] = 3.0
+    assert limits.allow(60) and not limits.allow(60) and limits.allow(40)
 
 
 def test_interrupt_over_the_websocket(client):

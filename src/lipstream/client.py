@@ -38,6 +38,7 @@ from lipstream.errors import (
     BadRequestError,
     LipstreamError,
     NotReadyError,
+    OverloadedError,
     ServerReplyError,
     ServerUnreachableError,
     SessionBusyError,
@@ -93,6 +94,8 @@ def error_from_reply(reply: httpx.Response) -> LipstreamError:
     body = body if isinstance(body, dict) else {}
     detail = str(body.get("detail") or reply.text[:300] or reply.reason_phrase)
     cls = getattr(errors, str(body.get("error")), None)
+    if isinstance(cls, type) and issubclass(cls, OverloadedError) and reply.headers.get("retry-after", "").isdigit():
+        return cls(detail, int(reply.headers["retry-after"]))
     if isinstance(cls, type) and issubclass(cls, LipstreamError):
         return cls(detail)
     if reply.status_code in (401, 403):
@@ -156,6 +159,11 @@ class LipstreamClient:
                 if loop.time() > deadline:
                     raise NotReadyError(f"the server at {self.url} was not ready within {timeout_s:g} s")
             await asyncio.sleep(READY_POLL_S)
+
+    async def capacity(self) -> dict:
+        """The server's capacity and load: {"admission_control", "free_sessions", "free_fps", "load",
+        "budget", ...} (GET /api/capacity; see `lipstream.stream.capacity.Capacity.report`)."""
+        return (await self._request("GET", "/api/capacity")).json()
 
     async def config(self) -> dict:
         return (await self._request("GET", "/api/config")).json()

@@ -85,6 +85,36 @@ class Settings(BaseModel):
                                                        "this long; 0: only the client ends utterances")
     detached_session_timeout_s: float = Field(120.0, gt=0, description="a session with no viewer connected for "
                                                                       "this long is closed")
+    allow_upscaling: bool = Field(False, description="let a session ask for an output_height above its avatar's "
+                                                     "own frame height (off: refused with 400)")
+    admission_control: bool = Field(True, description="refuse a new session (503 with Retry-After) when the "
+                                                      "measured capacity cannot hold it without making the open "
+                                                      "ones late")
+    capacity_target: float = Field(0.75, gt=0, le=1, description="share of the CPU cores (counting what other "
+                                                                 "processes use) and of each engine's time that "
+                                                                 "admitted sessions may use, all counted as speaking")
+    avatar_cache_mb: int = Field(4096, ge=0, description="memory for loaded avatars (MB); above it the least "
+                                                         "recently used avatar that no session shows is "
+                                                         "unloaded (avatars load on first use)")
+    max_jobs_per_tenant: int = Field(4, ge=1, description="avatar preparations a tenant may have queued or running; "
+                                                          "more is refused with 429 (a tenant runs one at a time)")
+    shutdown_grace_s: float = Field(8.0, ge=0, description="at shutdown, how long a running avatar preparation may "
+                                                           "take to finish before it is stopped and what it built "
+                                                           "is removed")
+    max_message_bytes: int = Field(131072, ge=1024, description="largest WebSocket / data-channel message (a "
+                                                                "larger WebSocket message closes it with 1009)")
+    max_messages_per_s: float = Field(200.0, gt=0, description="messages a connection may send per second "
+                                                               "(bursts up to one second's worth); a faster "
+                                                               "WebSocket client is read more slowly")
+    max_input_bytes_per_s: int = Field(1 << 20, ge=1024, description="bytes a connection may send per second "
+                                                                     "(32x real-time audio by default)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a whole request "
+                                                            "head (request line and headers) this long is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body that stops arriving for this long "
+                                                          "is refused with 408")
+    api_docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (behind the API key)")
+    metrics_key: str = Field("", description="the key GET /metrics needs (Prometheus: `Authorization: Bearer "
+                                             "<key>`); empty: /metrics is off")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -229,7 +259,9 @@ def _default_text(name: str) -> str:
     default = field.get_default(call_default_factory=True)
     if isinstance(default, Path):
         return f"`{default.as_posix() if default.is_absolute() else './' + default.as_posix()}`"
-    if default in ({}, []):
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if default in ({}, [], ""):
         return "(empty)"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
@@ -244,7 +276,7 @@ def _type_text(name: str) -> str:
         return "mapping"
     if get_origin(annotation) is list:
         return "list"
-    return {str: "text", int: "integer", float: "number", Path: "path", bool: "boolean"}[annotation]
+    return {str: "text", int: "integer", float: "number", Path: "path", bool: "`true` \\| `false`"}[annotation]
 
 
 def settings_table() -> str:

@@ -51,7 +51,7 @@ class AudioTooShortError(AudioError):
 
 class AudioFormatError(AudioError):
     """Raw audio samples are not in the expected form (e.g. not 16-bit PCM, or a sample rate or channel
-    count that cannot be)."""
+    count that cannot be), or outside what lipstream decodes (e.g. a sample rate above 384 kHz)."""
 
 
 class WeightsError(LipstreamError):
@@ -166,6 +166,33 @@ class ApiKeyError(ServerError):
 
 class ServerReplyError(ServerError):
     """The server answered with an error the client has no class for (e.g. a 5xx, or not lipstream)."""
+class OverloadedError(ServerError):
+    """The server has no capacity left for another session (it would make the open ones late).
+    retry_after_s: when to try again, for the reply's Retry-After header."""
+
+    def __init__(self, message: str, retry_after_s: int = 10):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OutputTooLargeError(ServerError):
+    """A session asked for frames larger than its avatar's own (upscaling is off)."""
+
+
+class JobLimitError(ServerError):
+    """The tenant has as many avatar jobs queued or running as it may have."""
+
+
+class JobCancelledError(ServerError):
+    """An avatar job was stopped before it finished (the server shut down)."""
+
+
+class MessageTooLargeError(ServerError):
+    """A WebSocket or data-channel message is larger than the server accepts."""
+
+
+class InputRateError(ServerError):
+    """A data-channel client sends messages faster than its connection may (it cannot be slowed down)."""
 
 
 class StreamError(LipstreamError):

@@ -18,7 +18,8 @@ SERVER_FRAMES_SENT = Counter("lipstream_server_frames_sent", "video frames hande
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 STAGE_SECONDS = Histogram("lipstream_stage_seconds",
                           "time of one call of a pipeline stage: features (one feature pass of a session), "
-                          "engine (one batched generate), composite (one compositor call)",
+                          "engine (one batched generate), composite (one compositor call), encode (one "
+                          "streamed frame)",
                           ["stage"], buckets=_SECONDS_BUCKETS)
 BATCH_FRAMES = Histogram("lipstream_batch_frames", "frames in one engine batch",
                          buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
@@ -28,6 +29,9 @@ FIRST_FRAME_SECONDS = Histogram("lipstream_first_frame_seconds",
 FRAMES = Counter("lipstream_frames", "frames produced by sessions (rate() gives frames/s), by kind", ["kind"])
 DROPPED_FRAMES = Counter("lipstream_dropped_frames",
                          "speech frames shown as the idle frame because their face was not ready in time")
+SHED_FRAMES = Counter("lipstream_shed_frames",
+                      "speech frames dropped before the engine because they could no longer be ready in time "
+                      "(also counted as dropped)")
 STALLED_FRAMES = Counter("lipstream_stalled_frames",
                          "frames inside an utterance held (idle frame, silence) because its audio had not arrived")
 SCHEDULER_QUEUE_DEPTH = Gauge("lipstream_scheduler_queue_depth", "frames waiting for the engine, by device",

@@ -13,10 +13,13 @@ input's own sound (a render's MP4); `AudioClip.mono_16k()` is then what `load_au
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import itertools
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import soxr
 
 from lipstream.errors import (
     AudioDecodeError,
+    AudioFormatError,
     AudioNotFoundError,
     AudioTooLongError,
     EmptyAudioError,
@@ -57,45 +61,75 @@ class AudioClip:
 
 def load_audio(source: AudioSource, *, max_seconds: float | None = None,
                name: str | None = None) -> np.ndarray:
-    """Decode a media file (WAV, MP3, OGG, FLAC, M4A, a video's audio track...) with PyAV.
+    """Decode a media file (WAV, MP3, OGG, FLAC, M4A, a video's audio track...) with PyAV, resampled to
+    16 kHz as it is decoded (only the 16 kHz result is held, whatever the source's rate).
 
-    source: a path, or the file's bytes. max_seconds: reject longer input (checked while decoding,
-    so a huge file is not decoded in full). name: how to call the input in error messages (defaults
-    to the path, or "<N bytes>").
+    source: a path, or the file's bytes. max_seconds: reject longer input (a declared length before
+    decoding, the decoded length as it grows, so a huge file is never decoded in full). name: how to
+    call the input in error messages (defaults to the path, or "<N bytes>").
     Returns float32 [N] at 16 kHz, mono, range [-1, 1].
-    Raises AudioNotFoundError, AudioDecodeError, NoAudioStreamError, EmptyAudioError, AudioTooLongError."""
-    return load_clip(source, max_seconds=max_seconds, name=name).mono_16k()
+    Raises AudioNotFoundError, AudioDecodeError, AudioFormatError, NoAudioStreamError, EmptyAudioError,
+    AudioTooLongError."""
+    file, label = _open_source(source, name)
+    to_16k: _Resampler | None = None
+    with _decode_errors(label):
+        for rate, piece in _decoded(file, label, max_seconds):
+            to_16k = to_16k or _Resampler(rate)
+            to_16k.push(piece.mean(axis=0, dtype=np.float32))  # [channels, n] -> [n], librosa's downmix
+    if to_16k is None or to_16k.samples_in == 0:
+        raise _no_samples(label)
+    return to_16k.finish()
 
 
 def load_clip(source: AudioSource, *, max_seconds: float | None = None, name: str | None = None) -> AudioClip:
     """`load_audio`'s input as it is: its first audio stream's channels at its own rate (the rate and
     channel layout of its first frame). Same arguments and errors as `load_audio`."""
+    file, label = _open_source(source, name)
+    pieces: list[np.ndarray] = []
+    rate = 0
+    with _decode_errors(label):
+        for rate, piece in _decoded(file, label, max_seconds):
+            pieces.append(piece)
+    if not sum(piece.shape[1] for piece in pieces):
+        raise _no_samples(label)
+    return AudioClip(np.ascontiguousarray(np.concatenate(pieces, axis=1), dtype=np.float32), rate)
+
+
+def _open_source(source: AudioSource, name: str | None) -> tuple[str | io.BytesIO, str]:
+    """(what PyAV opens, how messages call it); EmptyAudioError / AudioNotFoundError before decoding."""
     label = shorten(name, 80) if name else (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
     if isinstance(source, bytes):
         if not source:
             raise EmptyAudioError(f"audio {label} is empty (0 bytes); send a non-empty audio file")
-        file: str | io.BytesIO = io.BytesIO(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise AudioNotFoundError(f"audio file {label} does not exist; check the path")
-        if path.stat().st_size == 0:
-            raise EmptyAudioError(f"audio file {label} is empty (0 bytes); give a non-empty audio file")
-        file = str(path)
+        return io.BytesIO(source), label
+    path = Path(source)
+    if not path.is_file():
+        raise AudioNotFoundError(f"audio file {label} does not exist; check the path")
+    if path.stat().st_size == 0:
+        raise EmptyAudioError(f"audio file {label} is empty (0 bytes); give a non-empty audio file")
+    return str(path), label
+
+
+@contextlib.contextmanager
+def _decode_errors(label: str) -> Iterator[None]:
     try:
-        clip = _decode(file, label, max_seconds)
+        yield
     except av.error.FFmpegError as exc:
         raise AudioDecodeError(
             f"cannot decode audio {label}: {exc.strerror or exc}; "
             "give a valid audio file (WAV, MP3, OGG, FLAC, M4A...)"
         ) from exc
-    if clip.samples.shape[1] == 0:
-        raise EmptyAudioError(f"audio {label} has an audio stream but 0 samples; give audio with sound in it")
-    return clip
 
 
-def _decode(file: str | io.BytesIO, label: str, max_seconds: float | None) -> AudioClip:
-    """Decode the first audio stream as float32 [channels, n] at its first frame's rate and layout."""
+def _no_samples(label: str) -> EmptyAudioError:
+    return EmptyAudioError(f"audio {label} has an audio stream but 0 samples; give audio with sound in it")
+
+
+def _decoded(file: str | io.BytesIO, label: str, max_seconds: float | None) -> Iterator[tuple[int, np.ndarray]]:
+    """The first audio stream as it is decoded: (rate, float32 [channels, n]) pieces at its first
+    frame's rate and channel layout. A stream that declares more than `max_seconds`, or a rate above
+    MAX_SOURCE_RATE, is refused before anything is decoded; one that decodes to more than
+    `max_seconds` (a false declaration) is refused as soon as it has."""
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
             found = ", ".join(f"{s.type} ({s.codec_context.name})" for s in container.streams) or "nothing"
@@ -104,36 +138,79 @@ def _decode(file: str | io.BytesIO, label: str, max_seconds: float | None) -> Au
                 "give a file that contains audio"
             )
         stream = container.streams.audio[0]
+        _check_declared(stream, container, label, max_seconds)
         resampler: av.AudioResampler | None = None
-        rate = 0
-        max_samples = math.inf
-        pieces: list[np.ndarray] = []
-        total = 0
-        for frame in container.decode(stream):
+        rate, total, max_samples = 0, 0, math.inf
+        for frame in itertools.chain(container.decode(stream), [None]):  # None: what the converter holds
             if resampler is None:
+                if frame is None:
+                    return
                 # Planar float at the first frame's rate and layout: format conversion only, so
                 # the downmix (a plain mean, as librosa does) and the rate change stay ours.
                 rate = frame.sample_rate
+                _check_rate(rate, label)
                 resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
                 if max_seconds is not None:
                     max_samples = max_seconds * rate
             for converted in resampler.resample(frame):
-                piece = converted.to_ndarray()  # float32 [channels, n]
-                pieces.append(piece)
+                piece = converted.to_ndarray()
                 total += piece.shape[1]
-            if total > max_samples:
-                raise _too_long(label, max_seconds)
-        if resampler is not None:
-            pieces += [converted.to_ndarray() for converted in resampler.resample(None)]
-    samples = np.concatenate(pieces, axis=1) if pieces else np.zeros((1, 0), np.float32)
-    if samples.shape[1] > max_samples:
-        raise _too_long(label, max_seconds)
-    return AudioClip(np.ascontiguousarray(samples, dtype=np.float32), rate)
+                if total > max_samples:
+                    raise _too_long(label, max_seconds)
+                yield rate, piece
 
 
-def _too_long(label: str, max_seconds: float | None) -> AudioTooLongError:
+MAX_SOURCE_RATE = 384_000  # the highest sample rate decoded (studio formats stop at 384 kHz)
+
+
+def _check_rate(rate: int, label: str) -> None:
+    if not 0 < rate <= MAX_SOURCE_RATE:
+        raise AudioFormatError(f"audio {label} declares a sample rate of {rate} Hz; lipstream decodes rates up "
+                               f"to {MAX_SOURCE_RATE} Hz: convert it (e.g. to 16 or 48 kHz) first")
+
+
+def _check_declared(stream: av.audio.stream.AudioStream, container: av.container.InputContainer, label: str,
+                    max_seconds: float | None) -> None:
+    """Refuse, before decoding, a stream whose declared rate or duration is over the limits."""
+    if stream.codec_context.sample_rate:
+        _check_rate(stream.codec_context.sample_rate, label)
+    if max_seconds is None:
+        return
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return  # nothing declared: the decoded length is checked as it grows
+    if seconds > max_seconds:
+        raise _too_long(label, max_seconds, f" (it declares {seconds:.1f} s)")
+
+
+class _Resampler:
+    """float32 mono chunks at `rate` -> 16 kHz, streamed (soxr HQ, the same samples as resampling
+    the whole signal at once), with librosa's output length: ceil(n * 16000 / rate)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.samples_in = 0
+        self._stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
+                                                                             quality=SOXR_QUALITY)
+        self._out: list[np.ndarray] = []
+
+    def push(self, samples: np.ndarray) -> None:
+        self.samples_in += samples.size
+        self._out.append(samples if self._stream is None else self._stream.resample_chunk(samples, last=False))
+
+    def finish(self) -> np.ndarray:
+        if self._stream is not None:
+            self._out.append(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        out = np.concatenate(self._out) if self._out else np.zeros(0, np.float32)
+        return _librosa_length(out, self.samples_in, self.rate)
+
+
+def _too_long(label: str, max_seconds: float | None, declared: str = "") -> AudioTooLongError:
     return AudioTooLongError(
-        f"audio {label} is longer than the {max_seconds:g} s allowed; send a shorter clip"
+        f"audio {label} is longer than the {max_seconds:g} s allowed{declared}; send a shorter clip"
     )
 
 
@@ -142,8 +219,12 @@ def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     if rate == SAMPLE_RATE:
         return samples
-    out = soxr.resample(samples, rate, SAMPLE_RATE, quality=SOXR_QUALITY)
-    size = int(np.ceil(samples.shape[-1] * (SAMPLE_RATE / rate)))
+    return _librosa_length(soxr.resample(samples, rate, SAMPLE_RATE, quality=SOXR_QUALITY), samples.shape[-1], rate)
+
+
+def _librosa_length(out: np.ndarray, samples_in: int, rate: int) -> np.ndarray:
+    """16 kHz float32 output of `samples_in` samples at `rate`, cut or zero-padded to librosa's length."""
+    size = int(np.ceil(samples_in * (SAMPLE_RATE / rate)))
     if out.size >= size:
         return np.ascontiguousarray(out[:size], dtype=np.float32)
     return np.pad(out, (0, size - out.size)).astype(np.float32, copy=False)

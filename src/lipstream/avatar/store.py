@@ -15,14 +15,17 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import cv2
 
@@ -85,23 +88,51 @@ def staged_folder(dest: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 STALE_BUILD_S = 3600.0  # a build folder untouched this long belongs to a process that was killed
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-(.+)-[0-9a-f]{8}$")
 
 
 def sweep_stale_builds(tenants: Iterable[str | None], root: str | os.PathLike | None = None,
-                       older_than_s: float = STALE_BUILD_S) -> list[Path]:
-    """Delete the hidden build folders (`.tmp-*`, `.old-*`) that a killed `staged_folder` left in the
-    tenants' avatar folders, if untouched for `older_than_s` (younger ones may be a build in progress).
-    Returns the folders deleted."""
+                       older_than_s: float = STALE_BUILD_S) -> list[tuple[str, Path]]:
+    """Clean up the hidden folders that killed writers left in the tenants' avatar folders:
+
+    - `.tmp-<name>-*`, a build that never finished: deleted;
+    - `.old-<name>-*`, the previous copy during an overwrite: deleted when `<name>` exists, else it is
+      the only copy (the writer died between its two renames) and is renamed back to `<name>`;
+    - `.del-<name>-*`, an avatar being deleted: deleted.
+
+    `.tmp-` and `.old-` folders modified less than `older_than_s` ago may belong to a writer still at
+    work and are left alone (an old copy keeps the mtime of the avatar it was: a writer holds it only
+    between two renames, and a restore that races one makes that writer fail, not lose the avatar).
+    Returns (what, folder) for each folder handled, what being "removed" or "restored"."""
     now = time.time()
-    removed = []
+    done: list[tuple[str, Path]] = []
     for tenant in tenants:
         base = tenant_dir(tenant, root)
+        found = []
         for folder in base.iterdir() if base.is_dir() else []:
-            if folder.name.startswith((".tmp-", ".old-")) and folder.is_dir() and not folder.is_symlink() \
-                    and now - folder.stat().st_mtime > older_than_s:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
-    return removed
+            match = _LEFTOVER.match(folder.name)
+            if match is None or folder.is_symlink() or not folder.is_dir():
+                continue
+            try:
+                changed = folder.stat().st_mtime
+            except OSError:  # removed meanwhile
+                continue
+            found.append((changed, folder, match.group(1), match.group(2)))
+        # newest first: of several old copies of one name, the newest is the one to restore
+        for changed, folder, kind, name in sorted(found, reverse=True):
+            if kind != "del" and now - changed <= older_than_s:
+                continue
+            dest = base / name
+            if kind == "old" and not dest.exists():
+                try:
+                    os.rename(folder, dest)
+                    done.append(("restored", dest))
+                    continue
+                except OSError:  # made meanwhile by a writer: then this copy is stale
+                    pass
+            shutil.rmtree(folder, ignore_errors=True)
+            done.append(("removed", folder))
+    return done
 
 
 def _resolve(ref: AvatarRef, tenant: str | None, root: str | os.PathLike | None) -> tuple[Path, str, str]:
@@ -245,32 +276,57 @@ def list_avatars(tenant: str | None = None, root: str | os.PathLike | None = Non
 
 @dataclass(eq=False)
 class _CacheSlot:
-    """One avatar of an `AvatarCache`: its lock (held while it loads) and, once loaded, the avatar with
-    the stamp (inode, mtime) of the folder it was loaded from."""
+    """One avatar of an `AvatarCache`: its lock (held while it loads, or while something is derived
+    from it) and, once loaded, the avatar with the stamp (inode, mtime) of the folder it came from,
+    its size and what was derived from it (by tag)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     stamp: tuple[int, int] | None = None
     avatar: Avatar | None = None
+    nbytes: int = 0
+    derived: dict[Hashable, Any] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+CacheKey = tuple[str, str]  # (tenant, name)
 
 
 class AvatarCache:
-    """Loaded avatars shared by every session: `get` loads an avatar once and hands out the same
-    object until its folder is replaced (prepare --force) or deleted. Thread-safe. Each avatar has its
-    own lock: one avatar loads once however many ask for it at the same time, while other avatars load
-    (or are got from the cache, or evicted) meanwhile; the cache's own lock is only held to find a slot."""
+    """Loaded avatars shared by every session, each loaded on first use, with what is derived from it
+    (say, an engine's material): `get` hands out the same object until its folder is replaced
+    (prepare --force) or deleted, or it is unloaded. Thread-safe. Each avatar has its own lock: one
+    avatar loads (and each derived value is made) once however many ask for it at the same time, while
+    other avatars load (or are got, or evicted) meanwhile; the cache's own lock is only held to find a slot.
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    max_bytes: the memory budget (`Avatar.nbytes` of the loaded avatars; None: no limit): `trim` unloads
+    the least recently used avatars above it."""
+
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None = None):
         self.root = root
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()  # guards _slots (never held during a load)
-        self._slots: dict[tuple[str, str], _CacheSlot] = {}
+        self._slots: OrderedDict[CacheKey, _CacheSlot] = OrderedDict()  # least recently used first
 
     def get(self, name: str, tenant: str | None = None) -> Avatar:
+        """The avatar, loaded if it is not (AvatarNotFoundError, AvatarNameError, AvatarCorruptError)."""
+        return self._get(name, tenant, None, None)[0]
+
+    def get_derived(self, name: str, tenant: str | None, tag: Hashable,
+                    make: Callable[[Avatar], T]) -> tuple[Avatar, T]:
+        """(avatar, make(avatar)): `make` runs once per loaded avatar and tag (under the avatar's lock, so
+        two first requests do not both make it); its result is kept with the avatar and unloaded with it."""
+        return self._get(name, tenant, tag, make)
+
+    def _get(self, name: str, tenant: str | None, tag: Hashable, make: Callable[[Avatar], Any] | None):
         tenant = clean_tenant(tenant)
         folder = avatar_dir(name, tenant, self.root)
         key = (tenant, clean_name(name))
         while True:
             with self._lock:
-                slot = self._slots.setdefault(key, _CacheSlot())
+                slot = self._slots.get(key)
+                if slot is None:
+                    slot = self._slots[key] = _CacheSlot()
+                self._slots.move_to_end(key)
             with slot.lock:
                 with self._lock:
                     if self._slots.get(key) is not slot:  # evicted (or failed) while we waited: start again
@@ -279,7 +335,7 @@ class AvatarCache:
                     st = folder.stat()
                 except OSError:
                     self._drop(key, slot)
-                    return load_avatar(name, tenant=tenant, root=self.root)  # raises AvatarNotFoundError
+                    return load_avatar(name, tenant=tenant, root=self.root), None  # raises AvatarNotFoundError
                 stamp = (st.st_ino, st.st_mtime_ns)
                 if slot.avatar is None or slot.stamp != stamp:
                     try:
@@ -288,8 +344,12 @@ class AvatarCache:
                         if slot.avatar is None:  # keep no empty slot (e.g. for names that do not exist)
                             self._drop(key, slot)
                         raise
-                    slot.stamp, slot.avatar = stamp, avatar
-                return slot.avatar
+                    slot.stamp, slot.avatar, slot.nbytes, slot.derived = stamp, avatar, avatar.nbytes, {}
+                if make is None:
+                    return slot.avatar, None
+                if tag not in slot.derived:
+                    slot.derived[tag] = make(slot.avatar)
+                return slot.avatar, slot.derived[tag]
 
     def evict(self, name: str, tenant: str | None = None) -> None:
         """Forget the avatar: the next `get` loads it again. Never waits for a load in progress (that
@@ -297,7 +357,41 @@ class AvatarCache:
         with self._lock:
             self._slots.pop((clean_tenant(tenant), clean_name(name)), None)
 
-    def _drop(self, key: tuple[str, str], slot: _CacheSlot) -> None:
+    def trim(self, keep: Collection[CacheKey] = ()) -> list[CacheKey]:
+        """Unload the least recently used avatars while the loaded ones take more than `max_bytes`,
+        except those in `keep` ((tenant, name): e.g. the avatars open sessions show, which would stay in
+        memory anyway) and those loading now. Returns the keys unloaded."""
+        dropped: list[CacheKey] = []
+        if self.max_bytes is None:
+            return dropped
+        with self._lock:
+            total = sum(slot.nbytes for slot in self._slots.values())
+            for key, slot in list(self._slots.items()):
+                if total <= self.max_bytes:
+                    break
+                if key in keep or not slot.lock.acquire(blocking=False):
+                    continue
+                try:
+                    del self._slots[key]
+                finally:
+                    slot.lock.release()
+                total -= slot.nbytes
+                dropped.append(key)
+        return dropped
+
+    @property
+    def loaded(self) -> list[CacheKey]:
+        """(tenant, name) of the loaded avatars, least recently used first."""
+        with self._lock:
+            return [key for key, slot in self._slots.items() if slot.avatar is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the loaded avatars (their `Avatar.nbytes`)."""
+        with self._lock:
+            return sum(slot.nbytes for slot in self._slots.values())
+
+    def _drop(self, key: CacheKey, slot: _CacheSlot) -> None:
         with self._lock:
             if self._slots.get(key) is slot:
                 del self._slots[key]

@@ -15,6 +15,8 @@ BENCHMARKS = {
     "serve": ("serve", "N clients speaking to live sessions in real time (through the server, or in-process): fps, first-frame latency, drops"),
     "avatar-prepare": ("avatar_prepare", "avatar preparation of a synthetic 10 s 720p face video, without latents"),
     "pipecat": ("pipecat_latency", "Pipecat pipeline: TTS audio in -> first speaking image out, in-process and remote"),
+    "soak": ("soak", "N sessions speaking for T minutes through the server: A/V offset, drops, RSS/threads/fds over time"),
+    "overload": ("overload", "sessions offered at a multiple of the server's capacity: drops of the admitted, refusals"),
 }
 
 

@@ -22,6 +22,9 @@ import cv2
 import numpy as np
 import torch
 
+from lipstream.metrics import STAGE_SECONDS
+from lipstream.stream.capacity import Capacity, timed
+
 T = TypeVar("T")
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)  # RTP's video clock
 
@@ -141,11 +144,13 @@ class EncodingPool:
     never queues behind, nor holds up, what else runs on asyncio's default executor (avatar loads,
     uploads, audio decoding).
 
-    `await pool.run(fn, *args)` runs fn(*args) on the pool's threads. `shutdown()` (at app shutdown)
-    stops them; running it afterwards raises RuntimeError."""
+    `await pool.run(fn, *args)` runs fn(*args) on the pool's threads; `await pool.encode(pixels, fn,
+    *args)` too, timed as the "encode" stage of a frame of `pixels` pixels (reported to `capacity`).
+    `shutdown()` (at app shutdown) stops them; running it afterwards raises RuntimeError."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, capacity: Capacity | None = None):
         self.workers = workers or default_workers()
+        self.capacity = capacity
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._shut = False
@@ -160,6 +165,16 @@ class EncodingPool:
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor(), functools.partial(fn, *args))
+
+    async def encode(self, pixels: int, fn: Callable[..., T], /, *args: Any) -> T:
+        return await self.run(self._timed, pixels, fn, *args)
+
+    def _timed(self, pixels: int, fn: Callable[..., T], *args: Any) -> T:
+        result, timing = timed(fn, *args)
+        STAGE_SECONDS.labels("encode").observe(timing.wall)
+        if self.capacity is not None:
+            self.capacity.observe_encode(pixels, timing)
+        return result
 
     def shutdown(self, wait: bool = False) -> None:
         """Stop the threads: work not started is cancelled; with `wait`, what runs is waited for."""

@@ -61,6 +61,21 @@ def request_key(conn: HTTPConnection) -> str | None:
     return conn.headers.get("x-api-key") or conn.query_params.get("key")
 
 
+def require_metrics_key(request: Request) -> None:
+    """The request carries the metrics key (setting metrics_key): HTTPException 401 without a key, 403
+    with another (a tenant's API key shows no server-wide figures)."""
+    key = request_key(request)
+    if not key:
+        raise HTTPException(401, "/metrics needs the metrics key: send `Authorization: Bearer <metrics_key>`",
+                            headers={"WWW-Authenticate": "Bearer"})
+    expected = request.app.state.settings.metrics_key
+    if not expected:
+        raise HTTPException(403, "/metrics is off: set the setting metrics_key and send that key")
+    if not secrets.compare_digest(expected.encode(), key.encode()):
+        raise HTTPException(403, "/metrics needs the metrics key (setting metrics_key), not an API key; "
+                                 "a tenant's own figures are at GET /api/stats")
+
+
 def require_caller(request: Request) -> Caller:
     """FastAPI dependency: the caller of an HTTP request (401/403 otherwise)."""
     return request.app.state.keys.caller(request_key(request))

@@ -1,19 +1,23 @@
 """The server's engines: loaded once, each with the one scheduler that batches all its sessions.
 
 The default engine (setting `engine`) loads at start; a session may ask for another by name, which
-then loads on first use and stays."""
+then loads on first use and stays. Each engine's stages are timed once as it starts (`calibrate`)
+and then by its scheduler, for the server's capacity."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.engines.select import load_engine
+from lipstream.stream.capacity import Capacity, calibrate
 from lipstream.stream.scheduler import FEATURE_WORKERS, Scheduler
 
 log = logging.getLogger(__name__)
@@ -41,32 +45,43 @@ class EngineSlot:
 
 class EngineHub:
     """engine: an engine loaded already, the default instead of loading the one the settings name;
-    reason: why it runs."""
+    reason: why it runs. capacity: where the engines' stage timings go; encode_probe(frame uint8
+    [H, W, 3] BGR): the work of encoding one streamed frame, timed when an engine is calibrated."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None, reason: str | None = None):
+    def __init__(self, settings: Settings, engine: Engine | None = None, reason: str | None = None, *,
+                 capacity: Capacity, encode_probe: Callable[[np.ndarray], object]):
         self.settings = settings
+        self.capacity = capacity
+        self._encode_probe = encode_probe
         self._given = engine
         self._given_reason = reason
         self._slots: dict[str, EngineSlot] = {}
         self._lock = asyncio.Lock()
         self.default: EngineSlot | None = None
 
-    def _start(self, engine: Engine, reason: str) -> EngineSlot:
+    async def _start(self, engine: Engine, reason: str) -> EngineSlot:
+        try:
+            await asyncio.to_thread(calibrate, self.capacity, engine, encode=self._encode_probe,
+                                    max_batch=self.settings.max_batch, fps=self.settings.fps)
+        except Exception:  # a server without figures still serves: it learns its costs as it runs
+            log.exception("timing engine %s's stages failed; its capacity is learnt from the sessions", engine.name)
+            on_host = engine.device.type == "cpu"
+            self.capacity.add_engine(engine.name, on_host=on_host, composite_on_host=on_host)
         scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
-                              feature_workers=FEATURE_WORKERS)
+                              feature_workers=FEATURE_WORKERS, capacity=self.capacity)
         scheduler.start()
         slot = EngineSlot(engine, reason, scheduler)
         self._slots[engine.name] = slot
         return slot
 
     async def start(self) -> EngineSlot:
-        """Load (unless given) and start the default engine."""
+        """Load (unless given), time and start the default engine."""
         if self._given is not None:
-            self.default = self._start(self._given, self._given_reason or f"engine {self._given.name}: given")
+            self.default = await self._start(self._given, self._given_reason or f"engine {self._given.name}: given")
         else:
             engine, reason = await asyncio.to_thread(load_engine_for, self.settings, self.settings.engine)
             log.info("%s", reason)
-            self.default = self._start(engine, reason)
+            self.default = await self._start(engine, reason)
         return self.default
 
     async def get(self, name: str = "auto") -> EngineSlot:
@@ -80,7 +95,7 @@ class EngineHub:
             if name not in self._slots:
                 engine, reason = await asyncio.to_thread(load_engine_for, self.settings, name)
                 log.info("%s", reason)
-                self._start(engine, reason)
+                await self._start(engine, reason)
             return self._slots[name]
 
     async def aclose(self) -> None:

@@ -28,10 +28,13 @@ STATUS = (
     (errors.UploadTooLargeError, 413),
     (errors.AudioTooLongError, 413),
     (errors.AvatarSourceTooLongError, 413),
+    (errors.MessageTooLargeError, 413),
     (errors.SessionLimitError, 429),
     (errors.QueueFullError, 429),
+    (errors.JobLimitError, 429),
     (errors.WeightsError, 503),
     (errors.NotReadyError, 503),
+    (errors.OverloadedError, 503),
 )
 
 
@@ -68,8 +71,10 @@ def install(app: FastAPI) -> None:
     """Every error reply has the same shape: {"detail": text, "error": name}."""
     @app.exception_handler(errors.LipstreamError)
     async def lipstream_error(request: Request, exc: errors.LipstreamError) -> JSONResponse:
+        retry = getattr(exc, "retry_after_s", None)
         return JSONResponse({"detail": public_text(str(exc), request.app.state), "error": type(exc).__name__},
-                            status_code=status_for(exc))
+                            status_code=status_for(exc),
+                            headers=None if retry is None else {"Retry-After": str(retry)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

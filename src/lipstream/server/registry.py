@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 class OpenSession:
     """A session and its server-side facts. fps: its frame rate. size: (height, width) of the streamed
     frames; output_height: what they are scaled to (0: not scaled). viewer: "websocket", "webrtc" or
-    None. closed: set once the session is closed; viewers stop on it. on_close: what a viewer must
-    undo (e.g. close its peer connection), run once when the session closes. changing: held while its
-    avatar is being changed (changes apply in order)."""
+    None. closed: set once the session is closed; viewers stop on it. on_close: what closing must undo
+    (a viewer's peer connection, the session's share of the capacity), run once when it closes.
+    changing: held while its avatar is being changed (changes apply in order)."""
 
     session: Session
     key: str
@@ -78,6 +78,10 @@ class SessionRegistry:
 
     def for_tenant(self, tenant: str) -> list[OpenSession]:
         return [entry for entry in self._open.values() if entry.tenant == tenant]
+
+    def avatars_shown(self) -> set[tuple[str, str]]:
+        """(tenant, avatar name) of every avatar an open session shows."""
+        return {(entry.tenant, entry.avatar) for entry in self._open.values()}
 
     def attach(self, entry: OpenSession, viewer: str) -> None:
         """Mark `viewer` ("websocket" or "webrtc") as the session's one viewer; SessionBusyError if taken."""

@@ -1,6 +1,7 @@
 """The REST API: avatars (list, upload -> background job, delete), sessions (create, list, close,
-audio, interrupt, stats) and the server's own state (health, readiness, metrics, client config).
-Every route but /health needs an API key (see `auth`)."""
+audio, interrupt, stats) and the server's own state (health, readiness, capacity, the tenant's stats,
+metrics, client config). Every route but /health needs an API key (see `auth`); /metrics needs the
+metrics key."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
-from lipstream.config import check_output_height
+from lipstream.config import Settings, check_output_height
 from lipstream.engines import ENGINE_NAMES
-from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
+from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError, OutputTooLargeError
 from lipstream.media.encoding import output_size
-from lipstream.server.auth import CallerDep
+from lipstream.server.auth import CallerDep, require_metrics_key
 from lipstream.server.registry import OpenSession
+from lipstream.stream.capacity import Demand
 from lipstream.stream.session import Session
 
 router = APIRouter()
@@ -55,21 +57,46 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request, caller: CallerDep) -> JSONResponse:
-    """200 once the engine and the avatars are loaded, else 503 with what is missing."""
+    """200 once the engine is loaded and timed, else 503 with what is missing; with the free capacity
+    (frames/s and sessions at 720p and the default frame rate) and how many avatars are in memory."""
     state = _state(request)
     if state.startup_error is not None:
         return JSONResponse({"ready": False, "error": state.startup_error}, status_code=503)
     if not state.ready.is_set():
-        return JSONResponse({"ready": False, "loading": "engine and avatars"}, status_code=503)
+        return JSONResponse({"ready": False, "loading": "engine"}, status_code=503)
     slot = state.engines.default
+    capacity = state.capacity.report()
     return JSONResponse({"ready": True, "engine": slot.engine.name, "reason": slot.reason,
-                         "device": str(slot.engine.device), "avatars_loaded": state.avatars_loaded})
+                         "device": str(slot.engine.device), "avatars_loaded": state.avatars.loaded,
+                         "capacity": {key: capacity[key] for key in ("free_fps", "free_sessions", "sessions")}})
+
+
+@router.get("/api/capacity")
+async def capacity(request: Request, caller: CallerDep) -> dict:
+    """The server's capacity and load (see `lipstream.stream.capacity.Capacity.report`)."""
+    _require_ready(request)
+    state = _state(request)
+    return {"admission_control": state.settings.admission_control, **state.capacity.report()}
 
 
 @router.get("/metrics")
-async def metrics(caller: CallerDep) -> Response:
-    """Prometheus text format."""
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; needs the metrics key (setting metrics_key)."""
+    require_metrics_key(request)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/stats")
+async def tenant_stats(request: Request, caller: CallerDep) -> dict:
+    """The caller's tenant's own figures: its open sessions (with viewers), their frames, and its avatar jobs."""
+    state = _state(request)
+    entries = state.sessions.for_tenant(caller.tenant)
+    stats = [entry.session.stats() for entry in entries]
+    totals = {key: sum(s[key] for s in stats) for key in ("frames_sent", "speech_frames", "dropped_frames",
+                                                           "stalled_frames", "utterances")}
+    return {"tenant": caller.tenant, "sessions": len(entries),
+            "viewers": sum(entry.viewer is not None for entry in entries), **totals,
+            "jobs": state.jobs.counts(caller.tenant)}
 
 
 @router.get("/api/config")
@@ -148,7 +175,8 @@ def describe_session(entry: OpenSession) -> dict:
 
 @router.post("/api/sessions", status_code=201)
 async def create_session(body: SessionRequest, request: Request, caller: CallerDep) -> dict:
-    """Open a session showing `avatar`; connect a viewer (WebSocket or WebRTC offer) to it next."""
+    """Open a session showing `avatar`; connect a viewer (WebSocket or WebRTC offer) to it next. 503 with
+    Retry-After when the server has no capacity left for it (setting admission_control)."""
     _require_ready(request)
     state = _state(request)
     settings = state.settings
@@ -156,17 +184,41 @@ async def create_session(body: SessionRequest, request: Request, caller: CallerD
     slot = await state.engines.get(body.engine)
     avatar, compositor, material = await state.avatars.get(body.avatar, caller.tenant, slot.engine)
     fps = body.fps or settings.fps
-    height = settings.output_height if body.output_height is None else body.output_height
-    session = Session(avatar, slot.engine, slot.scheduler, fps=fps, compositor=compositor, material=material,
-                      max_queue_s=settings.max_queued_audio_s, auto_end_ms=settings.auto_end_ms or None)
-    entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps,
-                        output_size(avatar.frame_size, height), height)
+    height = _output_height(body.output_height, settings, avatar.frame_size[0])
+    size = output_size(avatar.frame_size, height)
+    demand = Demand(slot.engine.name, fps, avatar.frame_size[0] * avatar.frame_size[1], size[0] * size[1])
+    ticket = state.capacity.admit(demand, enforce=settings.admission_control)
     try:
-        state.sessions.add(entry)
+        session = Session(avatar, slot.engine, slot.scheduler, fps=fps, compositor=compositor, material=material,
+                          max_queue_s=settings.max_queued_audio_s, auto_end_ms=settings.auto_end_ms or None)
+        entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps, size, height)
+
+        async def release() -> None:
+            state.capacity.release(ticket)
+
+        entry.on_close.append(release)
+        try:
+            state.sessions.add(entry)
+        except BaseException:
+            session.close()
+            raise
     except BaseException:
-        session.close()
+        state.capacity.release(ticket)
         raise
     return describe_session(entry)
+
+
+def _output_height(requested: int | None, settings: Settings, frame_height: int) -> int:
+    """The height to stream at (0: the avatar's own). A request above the avatar's frames is refused
+    unless upscaling is allowed; the setting's default only ever scales down."""
+    if requested is None:
+        wanted = settings.output_height
+        return wanted if wanted < frame_height or settings.allow_upscaling else 0
+    if requested > frame_height and not settings.allow_upscaling:
+        raise OutputTooLargeError(f"output_height {requested} is larger than the avatar's own {frame_height} px "
+                                  "frames; ask for at most that (0: the avatar's own size), or allow it with the "
+                                  "setting allow_upscaling")
+    return requested
 
 
 @router.get("/api/sessions")

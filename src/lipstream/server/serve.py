@@ -6,8 +6,13 @@ no API keys configured the URL carries the key made for this run."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from lipstream.config import Settings, add_settings_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -46,6 +51,20 @@ def run_server(settings: Settings) -> int:
     if keys.generated:
         print("lipstream: no API keys configured (setting api_keys); made one for this run", flush=True)
     print(f"lipstream: open {page_url(settings, keys.generated)}", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves the app: the settings' address, a deadline for request heads
+    (header_timeout_s), WebSocket messages of at most max_message_bytes, and no per-message deflate
+    (frames are JPEG, which deflate cannot shrink: it would only spend the event loop's time).
+    `overrides`: other uvicorn.Config arguments (tests: port, log_level)."""
+    import uvicorn
+
+    from lipstream.server.timeouts import http_protocol
+
+    options = {"host": settings.host, "port": settings.port, "log_level": "info",
+               "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, "http": http_protocol(settings.header_timeout_s),
+               "ws_max_size": settings.max_message_bytes, "ws_per_message_deflate": False, **overrides}
+    return uvicorn.Config(app, **options)

@@ -1,5 +1,5 @@
-"""What the two transports share: a client's messages applied to its session, and the events sent
-before a frame.
+"""What the two transports share: a client's messages applied to its session (within the
+connection's input limits), and the events sent before a frame.
 
 Both the WebSocket and the WebRTC data channel carry the same client messages (see `wire`)."""
 
@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 
-from lipstream.errors import LipstreamError
+from lipstream.config import Settings
+from lipstream.errors import LipstreamError, MessageTooLargeError
 from lipstream.media.encoding import output_size
 from lipstream.server import wire
 from lipstream.server.avatar_switch import change_avatar
@@ -18,9 +20,63 @@ from lipstream.server.registry import OpenSession
 from lipstream.stream.session import OutputFrame
 
 
+class _Bucket:
+    """A token bucket: `rate` tokens a second, holding at most one second's worth."""
+
+    def __init__(self, rate: float, now: float):
+        self.rate = rate
+        self.tokens = rate
+        self.at = now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+
+class InputLimits:
+    """One connection's input limits: messages of at most `max_bytes`, at most `messages_per_s`
+    messages and `bytes_per_s` bytes a second, in bursts of up to one second's worth. `now`: the clock."""
+
+    def __init__(self, max_bytes: int, messages_per_s: float, bytes_per_s: float,
+                 now: Callable[[], float] = time.monotonic):
+        self.max_bytes = max_bytes
+        self.now = now
+        self._messages = _Bucket(messages_per_s, now())
+        self._bytes = _Bucket(bytes_per_s, now())
+
+    @classmethod
+    def of(cls, settings: Settings) -> InputLimits:
+        """The limits the settings give every connection."""
+        return cls(settings.max_message_bytes, settings.max_messages_per_s, settings.max_input_bytes_per_s)
+
+    def wait_s(self, size: int) -> float:
+        """Count a message of `size` bytes; returns how long to wait before reading the next one to stay
+        within the rates (0 within them). A reader that waits it out slows the sender (TCP backpressure)."""
+        now = self.now()
+        debt = 0.0
+        for bucket, amount in ((self._messages, 1), (self._bytes, size)):
+            bucket.refill(now)
+            bucket.tokens -= amount
+            debt = max(debt, -bucket.tokens / bucket.rate)
+        return debt
+
+    def allow(self, size: int) -> bool:
+        """Count a message of `size` bytes if it is within the rates now; False (nothing counted) if
+        not. For transports that cannot slow their sender down (the data channel): it drops the message."""
+        now = self.now()
+        for bucket in (self._messages, self._bytes):
+            bucket.refill(now)
+        if self._messages.tokens < 1 or self._bytes.tokens < size:
+            return False
+        self._messages.tokens -= 1
+        self._bytes.tokens -= size
+        return True
+
+
 class ClientMessages:
     """One viewer's messages to its session. state: the app's state; send(text): a reply to the client
-    (a pong, or an error: a bad message never ends the connection). Audio and control apply at once,
+    (a pong, or an error: a bad message never ends the connection; one over the setting
+    `max_message_bytes` is not used). Audio and control apply at once,
     in order; an avatar change loads the avatar in the background and replies only if it fails (its
     "avatar_changed" event comes with the frame). `close()` stops what still runs."""
 
@@ -37,6 +93,11 @@ class ClientMessages:
 
     def _apply(self, data: bytes | str) -> str | None:
         try:
+            size = len(data) if isinstance(data, bytes) else len(data.encode())
+            max_bytes = self.state.settings.max_message_bytes
+            if size > max_bytes:
+                raise MessageTooLargeError(f"a message has at most {max_bytes} bytes (setting max_message_bytes); "
+                                           f"got {size}: send audio in smaller chunks")
             if isinstance(data, bytes):
                 samples = wire.pcm16_samples(data)
                 if samples.size:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
+import time
 from typing import Literal
 
 import av
@@ -34,12 +35,13 @@ from pydantic import BaseModel
 
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.config import Settings
-from lipstream.errors import BadRequestError, SessionNotFoundError
+from lipstream.errors import BadRequestError, InputRateError, SessionNotFoundError
 from lipstream.media.encoding import EncodingPool, video_frame
 from lipstream.metrics import SERVER_FRAMES_SENT
+from lipstream.server import wire
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession, SessionRegistry
-from lipstream.server.viewer import ClientMessages, frame_events
+from lipstream.server.viewer import ClientMessages, InputLimits, frame_events
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class SessionFeed:
         self.entry = entry
         self.encoding: EncodingPool = state.encoding
         self.messages = ClientMessages(state, entry, self._reply)
+        self.limits = InputLimits.of(state.settings)
+        self._refused_at: float | None = None  # when a message over the input rate was last reported
         self.video = FrameTrack("video", max(2, round(QUEUE_S * entry.fps)))
         self.audio = FrameTrack("audio", round(QUEUE_S * SAMPLE_RATE / AUDIO_CHUNK))
         self.channel: RTCDataChannel | None = None
@@ -113,7 +117,8 @@ class SessionFeed:
         pool), its audio."""
         for event in frame_events(self.entry, frame):
             self._send(event)
-        self.video.offer(await self.encoding.run(video_frame, frame.image, self.entry.output_height, frame.pts))
+        self.video.offer(await self.encoding.encode(self.entry.size[0] * self.entry.size[1], video_frame, frame.image,
+                                                    self.entry.output_height, frame.pts))
         if self._samples_sent is None:  # the audio clock starts where the video's does
             self._samples_sent = round(frame.pts * SAMPLE_RATE)
         self._push_audio(frame.audio)
@@ -128,7 +133,17 @@ class SessionFeed:
             self.audio.offer(None)
 
     async def on_message(self, data: bytes | str) -> None:
-        """A data channel message (run as a task of its own, in arrival order)."""
+        """A data-channel message (run as a task of its own, in arrival order). One over the input
+        rates is dropped (a data channel cannot be read more slowly), which an error event says at most
+        once a second."""
+        if not self.limits.allow(len(data) if isinstance(data, bytes) else len(data.encode())):
+            now = time.monotonic()
+            if self._refused_at is None or now - self._refused_at >= 1.0:
+                self._refused_at = now
+                self._send(wire.error_message(InputRateError.__name__, "messages are coming faster than this connection "
+                                              "may send them (settings max_messages_per_s, max_input_bytes_per_s); "
+                                              "some were dropped: send audio no faster than it plays"))
+            return
         await self.messages.handle(data)
 
 

@@ -15,13 +15,14 @@ from fastapi import APIRouter, HTTPException, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from lipstream.audio.load import SAMPLE_RATE
+from lipstream.config import Settings
 from lipstream.errors import SessionBusyError, SessionNotFoundError
 from lipstream.media.encoding import EncodingPool, frame_jpeg
 from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import wire
 from lipstream.server.auth import request_key
 from lipstream.server.registry import OpenSession
-from lipstream.server.viewer import ClientMessages, frame_events
+from lipstream.server.viewer import ClientMessages, InputLimits, frame_events
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ async def session_websocket(websocket: WebSocket, session_id: str) -> None:
 
 
 async def _serve(websocket: WebSocket, entry: OpenSession, state) -> None:
-    """Run until the client leaves or the session closes. The frames are encoded on the app's pool."""
+    """Run until the client leaves or the session closes. The frames are encoded on the app's pool; the
+    client's messages are read within the settings' input limits (a faster client is read more slowly)."""
     encoding: EncodingPool = state.encoding
-    jpeg_quality, jpeg_encoder = state.settings.jpeg_quality, state.settings.jpeg_encoder
+    settings: Settings = state.settings
     send_lock = asyncio.Lock()
+    limits = InputLimits.of(settings)
 
     async def send(message: str | bytes) -> None:
         async with send_lock:
@@ -75,7 +78,8 @@ async def _serve(websocket: WebSocket, entry: OpenSession, state) -> None:
         async for frame in session.frames():
             for event in frame_events(entry, frame):
                 await send(event)
-            jpeg = await encoding.run(frame_jpeg, frame.image, entry.output_height, jpeg_quality, jpeg_encoder)
+            jpeg = await encoding.encode(entry.size[0] * entry.size[1], frame_jpeg, frame.image, entry.output_height,
+                                         settings.jpeg_quality, settings.jpeg_encoder)
             await send(wire.pack_frame(frame.index, frame.pts, frame.speaking, frame.audio, jpeg))
             SERVER_FRAMES_SENT.labels("websocket").inc()
 
@@ -87,7 +91,11 @@ async def _serve(websocket: WebSocket, entry: OpenSession, state) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes")
-            await client.handle(data if data is not None else message.get("text") or "")
+            data = data if data is not None else message.get("text") or ""
+            await client.handle(data)
+            delay = limits.wait_s(len(data))
+            if delay > 0:
+                await asyncio.sleep(delay)
 
     tasks = [asyncio.create_task(frames_out()), asyncio.create_task(messages_in()),
              asyncio.create_task(entry.closed.wait())]

@@ -38,6 +38,7 @@ MAGIC = b"LSF1"
 HEADER = struct.Struct("<4sIdIII")  # 28 bytes: the audio that follows starts 2-byte aligned
 SPEAKING = 1
 CONTROL_TYPES = ("end", "interrupt", "ping", "avatar")
+MAX_CONTROL_CHARS = 4096  # control messages are a few dozen characters; a ping's "t" may be any small value
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,18 @@ def error_message(code: str, message: str) -> str:
 
 
 def parse_control(text: str) -> dict:
-    """A client's JSON control message -> the dict; BadRequestError when it is not one."""
+    """A client's JSON control message -> the dict; BadRequestError when it is not one (also for a
+    text longer than MAX_CONTROL_CHARS, or nested too deeply to parse)."""
+    if len(text) > MAX_CONTROL_CHARS:
+        raise BadRequestError(f"a control message has at most {MAX_CONTROL_CHARS} characters; got {len(text)}")
     try:
         message = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"control messages are JSON objects like {{\"type\": \"end\"}}; got invalid "
                               f"JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise BadRequestError("this control message is nested too deeply to read; send a flat JSON object "
+                              "like {\"type\": \"end\"}") from exc
     if not isinstance(message, dict) or message.get("type") not in CONTROL_TYPES:
         raise BadRequestError(f"unknown control message {excerpt(text)}: send {{\"type\": ...}} with one of "
                               f"{', '.join(CONTROL_TYPES)}")

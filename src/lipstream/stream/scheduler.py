@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from lipstream.engines.base import Engine, concat
-from lipstream.metrics import BATCH_FRAMES, SCHEDULER_QUEUE_DEPTH, STAGE_SECONDS
+from lipstream.metrics import BATCH_FRAMES, SCHEDULER_QUEUE_DEPTH, SHED_FRAMES, STAGE_SECONDS
+from lipstream.stream.capacity import Capacity, synchronized, timed
 from lipstream.stream.compositor import Compositor, Frames
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,23 @@ FEATURE_WORKERS = 8
 class Scheduler:
     """engine: the device's engine. max_batch: most frames in one `generate` call. max_wait_ms: how long
     the first waiting frame may wait for others to join its batch. feature_workers / compose_workers:
-    threads for feature passes and for compositing. now: the clock deadlines are measured on.
+    threads for feature passes and for compositing. capacity: where to report each stage's timings
+    (the engine must have been added to it). now: the clock deadlines are measured on.
+
+    Frames that can no longer be ready by their deadline (it is nearer than a batch's usual service
+    time) are shed when a batch is formed, before they cost engine time: their futures resolve to None.
 
     Use from one event loop: `start()` inside it, `await aclose()` at the end."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_wait_ms: float = 4.0, feature_workers: int = 1,
-                 compose_workers: int = 2, now: Callable[[], float] = time.monotonic):
+                 compose_workers: int = 2, capacity: Capacity | None = None, now: Callable[[], float] = time.monotonic):
         if max_batch < 1 or max_wait_ms < 0 or feature_workers < 1 or compose_workers < 1:
             raise ValueError("max_batch, feature_workers and compose_workers must be >= 1 and max_wait_ms >= 0")
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.now = now
+        self.capacity = capacity
         self._feature_workers = feature_workers
         self._compose_workers = compose_workers
         self._device_label = str(engine.device)
@@ -82,6 +88,7 @@ class Scheduler:
         self._batches = 0
         self._frames = 0
         self._errors = 0
+        self._shed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -139,7 +146,8 @@ class Scheduler:
 
         Returns a future (of the running loop) resolving to the face, uint8 [256, 256, 3] BGR on the
         engine's device; with a `compositor`, to `compositor.compose([cycle], face)[0]` instead, the
-        full frame uint8 [H, W, 3] BGR (np.ndarray, or a tensor on a CUDA compositor's device).
+        full frame uint8 [H, W, 3] BGR (np.ndarray, or a tensor on a CUDA compositor's device); or to
+        None when the frame was shed (it could not have been ready by its deadline).
         Cancel the future to withdraw the frame; it fails with the engine's exception if generate fails."""
         if not self.running:
             raise RuntimeError("Scheduler.start() must be called (inside the event loop) before submit()")
@@ -166,10 +174,18 @@ class Scheduler:
         return dropped
 
     async def run_features(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on a feature thread; its time is recorded as the "features" stage."""
+        """`fn(*args)` on a feature thread; its time is recorded as the "features" stage (a tensor
+        result's first dimension counts its frames)."""
         if not self.running:
             raise RuntimeError("Scheduler.start() must be called before run_features()")
-        return await self._loop.run_in_executor(self._pools["features"], _timed, "features", fn, *args)
+        return await self._loop.run_in_executor(self._pools["features"], self._timed_features, fn, *args)
+
+    def _timed_features(self, fn: Callable[..., Any], *args: Any) -> Any:
+        result, timing = timed(fn, *args)
+        STAGE_SECONDS.labels("features").observe(timing.wall)
+        if self.capacity is not None and isinstance(result, torch.Tensor):
+            self.capacity.observe_features(self.engine.name, int(result.shape[0]), timing)
+        return result
 
     def expected_latency_s(self) -> float:
         """How long a frame submitted now may take until its result is ready: the 95th percentile of
@@ -186,9 +202,10 @@ class Scheduler:
         return sum(not work.future.done() for work in self._heap)
 
     def stats(self) -> dict:
-        """Counters and recent figures: batches, frames, errors, queue_depth, composing (groups being
-        composited), mean/max batch size, engine and service (engine + compositing) ms p50/p95 over the
-        last 128 batches."""
+        """Counters and recent figures: batches, frames, errors, shed (frames dropped before the engine
+        because they could not be ready in time), queue_depth, composing (groups being composited),
+        mean/max batch size, engine and service (engine + compositing) ms p50/p95 over the last 128
+        batches."""
         sizes = [n for n, _, _ in self._recent]
         engine_ms = sorted(1000 * e for _, e, _ in self._recent)
         service_ms = sorted(1000 * s for _, _, s in self._recent)
@@ -197,6 +214,7 @@ class Scheduler:
             "batches": self._batches,
             "frames": self._frames,
             "errors": self._errors,
+            "shed": self._shed,
             "queue_depth": self.queue_depth,
             "composing": len(self._composing),
             "batch_mean": statistics.fmean(sizes) if sizes else None,
@@ -240,11 +258,27 @@ class Scheduler:
         return min(oldest + self.max_wait_s, head - self.expected_latency_s()) - self.now()
 
     def _pop_batch(self) -> list[_Work]:
+        """Up to max_batch live frames, earliest deadline first. Frames due sooner than a batch's usual
+        service time (engine + compositing, the median of recent batches) cannot be ready in time:
+        they are shed here, so that they cost no engine time and the frames behind them stay on time."""
         batch: list[_Work] = []
+        service = sorted(s for _, _, s in self._recent)
+        hopeless_before = self.now() + service[len(service) // 2] if service else -float("inf")
+        shed = 0
         while self._heap and len(batch) < self.max_batch:
             work = heapq.heappop(self._heap)
-            if not work.future.done():
+            if work.future.done():
+                continue
+            if work.deadline < hopeless_before:
+                work.future.set_result(None)
+                shed += 1
+            else:
                 batch.append(work)
+        if shed:
+            self._shed += shed
+            SHED_FRAMES.inc(shed)
+            if self.capacity is not None:
+                self.capacity.observe_shed(shed)
         SCHEDULER_QUEUE_DEPTH.labels(self._device_label).set(len(self._heap))
         return batch
 
@@ -277,7 +311,7 @@ class Scheduler:
         for rows in groups.values():
             works = [batch[row] for row in rows]
             composing = self._loop.run_in_executor(
-                self._pools["compose"], _timed, "composite", works[0].compositor.compose,
+                self._pools["compose"], self._timed_composite, works[0].compositor,
                 [work.cycle for work in works], faces[torch.tensor(rows, device=faces.device)])
             self._composing.add(composing)
 
@@ -296,14 +330,21 @@ class Scheduler:
         """On the engine thread: one generate call over the batch. Returns (faces [B, 256, 256, 3], seconds)."""
         material = concat([work.material for work in batch])
         conditioning = torch.cat([work.conditioning for work in batch])
-        began = time.perf_counter()
-        faces = self.engine.generate(material, conditioning)
-        if faces.device.type == "cuda":
-            torch.cuda.synchronize(faces.device)
-        seconds = time.perf_counter() - began
-        STAGE_SECONDS.labels("engine").observe(seconds)
+        faces, timing = timed(synchronized, self.engine.generate, material, conditioning)
+        STAGE_SECONDS.labels("engine").observe(timing.wall)
         BATCH_FRAMES.observe(len(batch))
-        return faces, seconds
+        if self.capacity is not None:
+            self.capacity.observe_engine(self.engine.name, len(batch), timing)
+        return faces, timing.wall
+
+    def _timed_composite(self, compositor: Compositor, cycles: list[int], faces: torch.Tensor) -> Frames:
+        """On a compose thread: `compositor.compose(cycles, faces)`, timed as the "composite" stage."""
+        frames, timing = timed(compositor.compose, cycles, faces)
+        STAGE_SECONDS.labels("composite").observe(timing.wall)
+        if self.capacity is not None:
+            height, width = compositor.avatar.frame_size
+            self.capacity.observe_composite(self.engine.name, len(cycles), height * width, timing)
+        return frames
 
 
 def _deliver(works: list[_Work], composed: asyncio.Future) -> bool:
@@ -325,14 +366,6 @@ def _deliver(works: list[_Work], composed: asyncio.Future) -> bool:
         else:
             work.future.set_result(frames[i])
     return error is None
-
-
-def _timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
-    began = time.perf_counter()
-    try:
-        return fn(*args)
-    finally:
-        STAGE_SECONDS.labels(stage).observe(time.perf_counter() - began)
 
 
 def _quantile(sorted_values: list[float], q: float) -> float | None:

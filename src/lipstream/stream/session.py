@@ -280,10 +280,10 @@ class Session:
             await asyncio.wait(pending)
 
     def stats(self) -> dict:
-        """frames_sent, speech_frames, dropped_frames (late faces), stalled_frames (audio not there yet),
-        held_frames (idle cycle held for a late first face), rebases (frames() resumed after falling
-        behind), utterances (started), interrupts, auto_ended (utterances ended by `auto_end_ms`),
-        avatar_changes; avatar (the one shown);
+        """frames_sent, speech_frames, dropped_frames (late faces, or shed by the scheduler), stalled_frames
+        (audio not there yet), held_frames (idle cycle held for a late first face), rebases (frames()
+        resumed after falling behind), utterances (started), interrupts, auto_ended (utterances ended
+        by `auto_end_ms`), avatar_changes; avatar (the one shown);
         speaking; queue depths: utterances_queued, audio_queued_s, frames_featured (features waiting
         to be shown), frames_in_flight (at the scheduler); first_frame_ms (last utterance: from the
         audio that made its frame 0 computable to that frame being shown) and first_audio_to_frame_ms
@@ -382,11 +382,11 @@ class Session:
             image = None
             if utt.voiced.pop(j):
                 future = utt.futures.pop(j, None)
-                if future is not None and future.done() and future.exception() is None:
-                    image = future.result()
-                else:
-                    if future is not None:
-                        future.cancel()
+                if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+                    image = future.result()  # None: the scheduler shed it (it could not be ready in time)
+                elif future is not None:
+                    future.cancel()
+                if image is None:
                     self._counts["dropped_frames"] += 1
                     DROPPED_FRAMES.inc()
             utt.conditioning.pop(j, None)
