@@ -62,7 +62,9 @@ class AvatarFrame:
     audio: int16 [n] mono 16 kHz, the samples that play during this frame (zeros when idle).
     speaking: an utterance is playing. events: "speech_started", "speech_ended", "interrupted" at
     this frame. errors: what the server answered to client messages since the last frame (e.g. a
-    QueueFullError for audio pushed faster than it plays); the session goes on."""
+    QueueFullError for audio pushed faster than it plays); the session goes on.
+    speech_samples: how many of `audio`'s first samples are the speech pushed (the rest is silence the
+    session added: idle or waiting for audio); known for in-process sessions, None from a server."""
 
     index: int
     pts: float
@@ -72,6 +74,7 @@ class AvatarFrame:
     jpeg: bytes | None = None
     events: list[str] = field(default_factory=list)
     errors: list[LipstreamError] = field(default_factory=list)
+    speech_samples: int | None = None
 
 
 def decode_jpeg(jpeg: bytes, color: Color = "rgb") -> np.ndarray:
