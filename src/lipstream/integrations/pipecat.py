@@ -52,16 +52,15 @@ from pipecat.services.settings import ServiceSettings
 from pipecat.utils.errors import ErrorCategory
 
 from lipstream import errors
-from lipstream.audio.load import PcmStream
 from lipstream.client import AvatarFrame, LipstreamClient, RemoteSession
 from lipstream.errors import AudioFormatError, LipstreamError
+from lipstream.integrations.agent_audio import AgentSpeech
 from lipstream.integrations.local import LocalSession, LocalSessions
 from lipstream.stream.clock import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 DRAIN_MARGIN_S = 2.0  # at the EndFrame, how much longer than its queued audio the speech may take to play
-RATES = (8000, 192000)  # sample rates a TTSAudioRawFrame may have
 
 # What kind of failure each error is, for Pipecat (the first matching class decides).
 CATEGORIES = (
@@ -104,7 +103,7 @@ class LipstreamVideoService(AIService):
         self._client: LipstreamClient | None = None
         self._session: LocalSession | RemoteSession | None = None
         self._player: asyncio.Task | None = None
-        self._pcm: PcmStream | None = None  # the utterance's audio -> 16 kHz mono
+        self._speech = AgentSpeech("a TTSAudioRawFrame")  # the utterance's audio -> 16 kHz mono
         self._utterance_open = False
         self._pushed = 0  # 16 kHz samples of speech given to the session since the last interruption
         self._played = 0  # ... and heard since then (speaking frames' audio)
@@ -202,26 +201,8 @@ class LipstreamVideoService(AIService):
         self._utterance_open = True
 
     def _to_16k(self, frame: TTSAudioRawFrame) -> np.ndarray:
-        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's PcmStream, which keeps
-        pace with the TTS: its resampler's millisecond of delay is a millisecond of silence first; a new
-        one, after the old one's tail, when the rate or the channels change)."""
-        audio, rate, channels = frame.audio, frame.sample_rate, frame.num_channels
-        if not isinstance(audio, bytes | bytearray | memoryview) or not isinstance(channels, int) or channels < 1:
-            raise AudioFormatError(f"a TTSAudioRawFrame must carry 16-bit PCM bytes with >= 1 channel; got "
-                                   f"{type(audio).__name__} with num_channels={channels!r}")
-        if len(audio) % (2 * channels):
-            raise AudioFormatError(f"a TTSAudioRawFrame's audio is not 16-bit PCM: {len(audio)} bytes is not a whole "
-                                   f"number of {channels}-channel samples of 2 bytes; the chunk was dropped")
-        if not isinstance(rate, int) or not RATES[0] <= rate <= RATES[1]:
-            raise AudioFormatError(f"a TTSAudioRawFrame's sample rate is {rate!r} Hz; lipstream takes "
-                                   f"{RATES[0]}..{RATES[1]} Hz")
-        tail = np.zeros(0, np.float32)
-        if self._pcm is not None and (self._pcm.sample_rate, self._pcm.channels) != (rate, channels):
-            tail = self._pcm.flush()
-            self._pcm = None
-        if self._pcm is None:
-            self._pcm = PcmStream(rate, channels, lead_in=True)
-        return np.concatenate([tail, self._pcm.push(bytes(audio))])
+        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's `AgentSpeech`)."""
+        return self._speech.push(frame.audio, frame.sample_rate, frame.num_channels)
 
     async def _push(self, pcm: np.ndarray) -> None:
         if self._session is None or not pcm.size:
@@ -237,9 +218,7 @@ class LipstreamVideoService(AIService):
 
     async def _end_utterance(self) -> None:
         """The current utterance (if any) is complete: the resampler's tail, then the end."""
-        pcm, self._pcm = self._pcm, None
-        if pcm is not None:
-            await self._push(pcm.flush())
+        await self._push(self._speech.flush())
         if self._utterance_open and self._session is not None:
             self._utterance_open = False
             try:
@@ -248,7 +227,7 @@ class LipstreamVideoService(AIService):
                 await self._lost(exc)
 
     async def _interrupt(self) -> None:
-        self._pcm = None
+        self._speech.reset()
         self._utterance_open = False
         self._pushed = self._played = 0
         if self._session is not None:
