@@ -56,6 +56,7 @@ from lipstream.client import AvatarFrame, LipstreamClient, RemoteSession
 from lipstream.errors import AudioFormatError, LipstreamError
 from lipstream.integrations.agent_audio import AgentSpeech
 from lipstream.integrations.local import LocalSession, LocalSessions
+from lipstream.integrations.source import SessionSource
 from lipstream.stream.clock import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,7 @@ class LipstreamVideoService(AIService):
                  fps: int | None = None, output_height: int | None = None, host: LocalSessions | None = None,
                  **kwargs):
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
-        if url is not None and host is not None:
-            raise ValueError("give either url (a lipstream server) or host (sessions in this process), not both")
-        self._avatar = avatar
-        self._url = url
-        self._api_key = api_key
-        self._fps = fps
-        self._output_height = output_height
-        self._host = host
-        self._own_host = host is None and url is None
+        self._source = SessionSource(avatar, url, api_key, fps, output_height, host)
         self._client: LipstreamClient | None = None
         self._session: LocalSession | RemoteSession | None = None
         self._player: asyncio.Task | None = None
@@ -124,8 +117,9 @@ class LipstreamVideoService(AIService):
             self._session = await self._open()
         except Exception as exc:  # noqa: BLE001 - whatever stops the session, the pipeline goes on and hears why
             await self._close()
-            where = f"the lipstream server at {self._url}" if self._url else "lipstream in this process"
-            await self.push_error(f"{where} could not open a session of avatar {str(self._avatar)!r}: {exc}",
+            source = self._source
+            where = f"the lipstream server at {source.url}" if source.url else "lipstream in this process"
+            await self.push_error(f"{where} could not open a session of avatar {str(source.avatar)!r}: {exc}",
                                   exception=exc, force_treat_as_permanent=True)
 
     async def stop(self, frame: EndFrame):
@@ -142,12 +136,11 @@ class LipstreamVideoService(AIService):
         await self._close()
 
     async def _open(self) -> LocalSession | RemoteSession:
-        if self._url is not None:
-            self._client = LipstreamClient(self._url, self._api_key)
-            return await self._client.open_session(str(self._avatar), fps=self._fps, output_height=self._output_height)
-        if self._host is None:
-            self._host = LocalSessions()
-        return await self._host.open(self._avatar, fps=self._fps, output_height=self._output_height)
+        source = self._source
+        if source.url is None:
+            return await source.open_local()
+        self._client = LipstreamClient(source.url, source.api_key)
+        return await self._client.open_session(str(source.avatar), fps=source.fps, output_height=source.output_height)
 
     async def _close(self) -> None:
         """Stop the frames and close the session (idempotent)."""
@@ -163,9 +156,7 @@ class LipstreamVideoService(AIService):
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-        if self._own_host and self._host is not None:
-            host, self._host = self._host, None
-            await host.aclose()
+        await self._source.aclose()
 
     # ---- frames in -------------------------------------------------------------------------------
 
