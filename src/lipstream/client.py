@@ -240,6 +240,26 @@ class LipstreamClient:
         """Drop the session's queued speech (REST; a connected session can `interrupt()` instead)."""
         await self._request("POST", f"/api/sessions/{session_id}/interrupt")
 
+    # ---- LiveKit rooms ---------------------------------------------------------------------------
+
+    async def create_livekit_session(self, avatar: str, livekit_url: str, livekit_token: str, *,
+                                     fps: int | None = None, engine: str = "auto",
+                                     output_height: int | None = None) -> dict:
+        """A session of `avatar` that joins a LiveKit room as the avatar of its agent (the token's room,
+        as the token's participant): {"id", "room", "identity", "width", "height", "fps", ...}, once it
+        has joined. Raises LiveKitTokenError, LiveKitJoinError, AvatarNotFoundError, SessionLimitError,
+        ... as the server answers."""
+        body = {"avatar": avatar, "livekit_url": livekit_url, "livekit_token": livekit_token, "fps": fps,
+                "engine": engine, "output_height": output_height}
+        reply = await self._request("POST", "/api/livekit/sessions",
+                                    json={k: v for k, v in body.items() if v is not None})
+        return reply.json()
+
+    async def close_livekit_session(self, session_id: str) -> None:
+        """Make the avatar leave its LiveKit room and close its session. SessionNotFoundError if it is
+        not open."""
+        await self._request("DELETE", f"/api/livekit/sessions/{session_id}")
+
     # ---- HTTP ------------------------------------------------------------------------------------
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -168,6 +168,19 @@ class ServerReplyError(ServerError):
     """The server answered with an error the client has no class for (e.g. a 5xx, or not lipstream)."""
 
 
+class LiveKitTokenError(ServerError):
+    """A LiveKit access token given to lipstream cannot join a room: not a JWT, no room-join grant, or expired."""
+
+
+class LiveKitJoinError(ServerError):
+    """lipstream could not join the LiveKit room (nothing listening at the URL, the token refused, no
+    answer in time)."""
+
+
+class LiveKitUnavailableError(ServerError):
+    """The server cannot join LiveKit rooms: it was installed without the `livekit` extra."""
+
+
 class StreamError(LipstreamError):
     """Base class of the errors of a live session (stream/session.py)."""
 

@@ -20,7 +20,7 @@ from lipstream.config import check_output_height
 from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError
 from lipstream.media.encoding import output_size
-from lipstream.server.auth import CallerDep
+from lipstream.server.auth import Caller, CallerDep
 from lipstream.server.registry import OpenSession
 from lipstream.stream.session import Session
 
@@ -149,6 +149,12 @@ def describe_session(entry: OpenSession) -> dict:
 @router.post("/api/sessions", status_code=201)
 async def create_session(body: SessionRequest, request: Request, caller: CallerDep) -> dict:
     """Open a session showing `avatar`; connect a viewer (WebSocket or WebRTC offer) to it next."""
+    return describe_session(await open_session(body, request, caller))
+
+
+async def open_session(body: SessionRequest, request: Request, caller: Caller) -> OpenSession:
+    """A new session of the server (registered, no viewer yet), as `body` asks: every way of making a
+    session goes through here, so that each is counted and limited alike."""
     _require_ready(request)
     state = _state(request)
     settings = state.settings
@@ -166,7 +172,7 @@ async def create_session(body: SessionRequest, request: Request, caller: CallerD
     except BaseException:
         session.close()
         raise
-    return describe_session(entry)
+    return entry
 
 
 @router.get("/api/sessions")
