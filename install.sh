@@ -2,13 +2,13 @@
 # Installs lipstream and everything its tests need into ./.venv (override with LIPSTREAM_VENV).
 #  - torch: if the python3 you run this with already has torch (e.g. your own CUDA build), the venv
 #    sees it (--system-site-packages) and keeps it; otherwise torch==2.13.0 is installed.
-#  - LIPSTREAM_EXTRAS: the extras installed with it (default "dev,pipecat", what the tests need; empty: none).
+#  - LIPSTREAM_EXTRAS: the extras installed with it (default "dev,pipecat,livekit", what the tests need; empty: none).
 #  - LIPSTREAM_DEPS_ONLY=1: the dependencies only, not lipstream itself (a container's cached layer).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${LIPSTREAM_VENV:-.venv}
 PY=${PYTHON:-python3}
-EXTRAS=${LIPSTREAM_EXTRAS-dev,pipecat}
+EXTRAS=${LIPSTREAM_EXTRAS-dev,pipecat,livekit}
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" 2>/dev/null; then
     echo "using the torch of $PY: $("$PY" -c 'import torch; print(torch.__version__)')"
@@ -44,7 +44,10 @@ if [ "${LIPSTREAM_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   fi
 fi
 if [ "${LIPSTREAM_DEPS_ONLY:-0}" = 1 ]; then
-  "$VENV/bin/python" -c "import torch, cv2, mediapipe; print('dependencies installed | torch', torch.__version__)"
+  "$VENV/bin/python" -c "import importlib.util, torch, cv2; assert importlib.util.find_spec('mediapipe'); print('dependencies installed | torch', torch.__version__)"
 else
-  "$VENV/bin/python" -c "import lipstream, torch, cv2, mediapipe; print('lipstream', lipstream.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+  # the face mesh graph is built once: MediaPipe and its bundled models work
+  "$VENV/bin/python" -c "from lipstream import logs; quiet = logs.configure(verbose=False)
+import lipstream, torch; from lipstream.avatar.landmarks import FaceMesh; FaceMesh(max_faces=1).close(); quiet.close()
+print('lipstream', lipstream.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 fi

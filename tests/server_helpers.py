@@ -13,6 +13,7 @@ from typing import Self
 import numpy as np
 import soundfile
 import uvicorn
+from fastapi.testclient import TestClient
 
 from face_avatar import photo_avatar
 from lipstream.audio.load import SAMPLE_RATE as SR
@@ -48,6 +49,13 @@ def store_avatar(root: Path, name: str = "astronaut", tenant: str = "", avatar: 
         avatar.name, avatar.tenant, avatar.path = original
 
 
+def store_tenant_avatars(root: Path) -> Path:
+    """The astronaut avatar as "astronaut" for the default tenant and as "astro-other" for tenant "other"."""
+    store_avatar(root, "astronaut")
+    store_avatar(root, "astro-other", tenant="other")
+    return root
+
+
 def wav_bytes(samples: np.ndarray, rate: int = SR) -> bytes:
     out = io.BytesIO()
     soundfile.write(out, samples, rate, format="WAV", subtype="PCM_16")
@@ -66,6 +74,16 @@ def server_settings(avatars_root: Path, **overrides) -> Settings:
              "api_keys": {"k-default": "", "k-other": "other"}, "metrics_key": "k-metrics",
              "admission_control": False, **overrides}
     return load_settings(flags, environ={})
+
+
+def start(app) -> TestClient:
+    """A TestClient of `app`, entered, once the app is ready (the key k-default asks)."""
+    client = TestClient(app).__enter__()
+    deadline = time.monotonic() + 30
+    while client.get("/ready", headers={"X-API-Key": "k-default"}).status_code != 200:
+        assert time.monotonic() < deadline, client.get("/ready", headers={"X-API-Key": "k-default"}).json()
+        time.sleep(0.05)
+    return client
 
 
 class LiveServer:

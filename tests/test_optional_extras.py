@@ -1,24 +1,33 @@
-"""The integrations stay optional: no module of lipstream but the integrations' own imports Pipecat."""
+"""The integrations stay optional: no module of lipstream but the integrations' own imports Pipecat or
+LiveKit (the server's LiveKit endpoint included: it imports LiveKit only when it joins a room)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-INTEGRATIONS = ("lipstream.integrations.pipecat",)
+INTEGRATIONS = ("lipstream.integrations.pipecat", "lipstream.integrations.livekit")
 
 SCRIPT = f"""
 import importlib, pkgutil, sys
 import lipstream
-names = [m.name for m in pkgutil.walk_packages(lipstream.__path__, "lipstream.") if m.name not in {INTEGRATIONS!r}]
-for name in names:
-    importlib.import_module(name)
-assert "lipstream.client" in names and "lipstream.integrations.local" in names and "lipstream.cli" in names
+
+def walk(package):
+    for found in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if found.name not in {INTEGRATIONS!r}:
+            module = importlib.import_module(found.name)
+            yield found.name
+            if found.ispkg:
+                yield from walk(module)
+
+names = list(walk(lipstream))
+assert {{"lipstream.client", "lipstream.integrations.local", "lipstream.cli",
+         "lipstream.server.livekit_rooms"}} <= set(names)
 print(len(names), sorted({{m.split(".")[0] for m in sys.modules}} & {{"pipecat", "livekit", "ray"}}))
 """
 
 
-def test_the_core_never_imports_pipecat():
+def test_the_core_never_imports_pipecat_or_livekit():
     done = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     count, imported = done.stdout.split(maxsplit=1)

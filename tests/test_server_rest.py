@@ -19,7 +19,15 @@ from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
 from lipstream.server.serve import page_url
 from lipstream.synthetic import speech
-from server_helpers import SR, astronaut_avatar, pcm16, server_settings, store_avatar, wav_bytes
+from server_helpers import (
+    SR,
+    astronaut_avatar,
+    pcm16,
+    server_settings,
+    start,
+    store_tenant_avatars,
+    wav_bytes,
+)
 
 DEFAULT = {"Authorization": "Bearer k-default"}
 OTHER = {"X-API-Key": "k-other"}
@@ -27,19 +35,7 @@ OTHER = {"X-API-Key": "k-other"}
 
 @pytest.fixture(scope="module")
 def avatars_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatars")
-    store_avatar(root, "astronaut")
-    store_avatar(root, "astro-other", tenant="other")
-    return root
-
-
-def start(app) -> TestClient:
-    client = TestClient(app).__enter__()
-    deadline = time.monotonic() + 30
-    while client.get("/ready", headers=DEFAULT).status_code != 200:
-        assert time.monotonic() < deadline, client.get("/ready", headers=DEFAULT).json()
-        time.sleep(0.05)
-    return client
+    return store_tenant_avatars(tmp_path_factory.mktemp("avatars"))
 
 
 @pytest.fixture

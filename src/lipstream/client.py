@@ -63,7 +63,9 @@ class AvatarFrame:
     audio: int16 [n] mono 16 kHz, the samples that play during this frame (zeros when idle).
     speaking: an utterance is playing. events: "speech_started", "speech_ended", "interrupted" at
     this frame. errors: what the server answered to client messages since the last frame (e.g. a
-    QueueFullError for audio pushed faster than it plays); the session goes on."""
+    QueueFullError for audio pushed faster than it plays); the session goes on.
+    speech_samples: how many of `audio`'s first samples are the speech pushed (the rest is silence the
+    session added: idle or waiting for audio); known for in-process sessions, None from a server."""
 
     index: int
     pts: float
@@ -73,6 +75,7 @@ class AvatarFrame:
     jpeg: bytes | None = None
     events: list[str] = field(default_factory=list)
     errors: list[LipstreamError] = field(default_factory=list)
+    speech_samples: int | None = None
 
 
 def decode_jpeg(jpeg: bytes, color: Color = "rgb") -> np.ndarray:
@@ -244,6 +247,26 @@ class LipstreamClient:
     async def interrupt(self, session_id: str) -> None:
         """Drop the session's queued speech (REST; a connected session can `interrupt()` instead)."""
         await self._request("POST", f"/api/sessions/{session_id}/interrupt")
+
+    # ---- LiveKit rooms ---------------------------------------------------------------------------
+
+    async def create_livekit_session(self, avatar: str, livekit_url: str, livekit_token: str, *,
+                                     fps: int | None = None, engine: str = "auto",
+                                     output_height: int | None = None) -> dict:
+        """A session of `avatar` that joins a LiveKit room as the avatar of its agent (the token's room,
+        as the token's participant): {"id", "room", "identity", "width", "height", "fps", ...}, once it
+        has joined. Raises LiveKitTokenError, LiveKitJoinError, AvatarNotFoundError, SessionLimitError,
+        ... as the server answers."""
+        body = {"avatar": avatar, "livekit_url": livekit_url, "livekit_token": livekit_token, "fps": fps,
+                "engine": engine, "output_height": output_height}
+        reply = await self._request("POST", "/api/livekit/sessions",
+                                    json={k: v for k, v in body.items() if v is not None})
+        return reply.json()
+
+    async def close_livekit_session(self, session_id: str) -> None:
+        """Make the avatar leave its LiveKit room and close its session. SessionNotFoundError if it is
+        not open."""
+        await self._request("DELETE", f"/api/livekit/sessions/{session_id}")
 
     # ---- HTTP ------------------------------------------------------------------------------------
 

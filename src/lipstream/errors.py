@@ -195,6 +195,19 @@ class InputRateError(ServerError):
     """A data-channel client sends messages faster than its connection may (it cannot be slowed down)."""
 
 
+class LiveKitTokenError(ServerError):
+    """A LiveKit access token given to lipstream cannot join a room: not a JWT, no room-join grant, or expired."""
+
+
+class LiveKitJoinError(ServerError):
+    """lipstream could not join the LiveKit room (nothing listening at the URL, the token refused, no
+    answer in time)."""
+
+
+class LiveKitUnavailableError(ServerError):
+    """The server cannot join LiveKit rooms: it was installed without the `livekit` extra."""
+
+
 class StreamError(LipstreamError):
     """Base class of the errors of a live session (stream/session.py)."""
 

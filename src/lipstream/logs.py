@@ -4,8 +4,8 @@ Quiet (the default): lipstream's loggers at INFO, everyone else's at WARNING; Py
 inside the heavy libraries (torch, diffusers, transformers, MediaPipe, protobuf) hidden; and the lines
 their native code writes straight to the process's stderr (MediaPipe's and TensorFlow Lite's glog/absl
 lines such as `W0000 00:00:... inference_feedback_manager.cc:114] ...`, "INFO: Created TensorFlow
-Lite XNNPACK delegate", absl's "All log messages before absl::InitializeLog()...", protobuf's
-"'MessageFactory' object has no attribute 'GetPrototype'") dropped by `NativeStderrFilter`.
+Lite XNNPACK delegate", absl's "All log messages before absl::InitializeLog()...") dropped by
+`NativeStderrFilter`.
 Verbose: everything at DEBUG, nothing filtered."""
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ NOISY_PACKAGES = r"(torch|torchvision|diffusers|transformers|huggingface_hub|med
 NATIVE_NOISE = re.compile(
     rb"(?:[IW]\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\] "  # absl/glog INFO and WARNING lines
     rb"|INFO: Created TensorFlow Lite "
-    rb"|WARNING: All log messages before absl::InitializeLog\(\) "
-    rb"|AttributeError: 'MessageFactory' object has no attribute 'GetPrototype')[^\n]*\n")
+    rb"|WARNING: All log messages before absl::InitializeLog\(\) )[^\n]*\n")
 # Where such a line may begin, in output whose newline has not come yet (a line can arrive in pieces).
-NOISE_START = re.compile(rb"[IW]\d{4} |INFO: |WARNING: All log|AttributeError")
+NOISE_START = re.compile(rb"[IW]\d{4} |INFO: |WARNING: All log")
 HOLD_S = 0.2  # text held as a possible noise line is passed on if no newline comes this soon
 
 

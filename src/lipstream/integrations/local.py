@@ -20,11 +20,13 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
+import torch
 
 from lipstream.avatar.model import Avatar
 from lipstream.avatar.store import load_avatar
@@ -40,6 +42,7 @@ from lipstream.stream.scheduler import Scheduler
 from lipstream.stream.session import Session
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ENGINES: dict[tuple, tuple[Engine, str]] = {}  # the loaded models: one engine per settings that choose it
 _ENGINES_LOCK = threading.Lock()
@@ -88,7 +91,7 @@ class LocalSessions:
                           material=material, max_queue_s=self.settings.max_queued_audio_s,
                           auto_end_ms=self.settings.auto_end_ms or None)
         height = self.settings.output_height if output_height is None else output_height
-        local = LocalSession(self, session, height)
+        local = LocalSession(session, height, self)
         self._open.add(local)
         return local
 
@@ -121,9 +124,10 @@ class LocalSession:
     """A `Session` of this process behind the interface of `lipstream.client.RemoteSession`.
 
     id, avatar, engine, fps, width, height: the session's (the frames' size after scaling to `output_height`).
-    session: the `Session` itself."""
+    session: the `Session` itself. host: the `LocalSessions` that opened it (closing releases it there),
+    or None (closing closes the Session)."""
 
-    def __init__(self, host: LocalSessions, session: Session, output_height: int):
+    def __init__(self, session: Session, output_height: int, host: LocalSessions | None = None):
         self.host = host
         self.session = session
         self.id = session.id
@@ -151,19 +155,27 @@ class LocalSession:
         return self.session.stats()
 
     async def frames(self, color: Color | None = "rgb") -> AsyncIterator[AvatarFrame]:
-        """The session's frames in real time, each image scaled and converted (on a worker thread) to
-        uint8 [H, W, 3] in `color` order (None: no image). Ends when the session is closed."""
+        """The session's frames in real time, each image scaled and converted (`convert`) to uint8
+        [H, W, 3] in `color` order (None: no image). Ends when the session is closed."""
         async for frame in self.session.frames():
-            image = None if color is None else await asyncio.to_thread(_host_image, frame.image,
-                                                                        self.output_height, color)
-            yield AvatarFrame(frame.index, frame.pts, frame.speaking, frame.audio, image, None, frame.events)
+            image = None if color is None else \
+                await self.convert(_host_image, frame.image, self.output_height, color)
+            yield AvatarFrame(frame.index, frame.pts, frame.speaking, frame.audio, image, None, frame.events,
+                              speech_samples=frame.speech_samples)
+
+    async def convert(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run fn(*args), a frame's conversion, off the event loop (here: on a worker thread)."""
+        return await asyncio.to_thread(fn, *args)
 
     async def aclose(self) -> None:
-        """Close the session (idempotent); the host stops its scheduler after its last session."""
-        await self.host._release(self)
+        """Close the session (idempotent); a host stops its scheduler after its last session."""
+        if self.host is not None:
+            await self.host._release(self)
+        else:
+            await self.session.aclose()
 
 
-def _host_image(image, height: int, color: Color) -> np.ndarray:
+def _host_image(image: np.ndarray | torch.Tensor, height: int, color: Color) -> np.ndarray:
     """A session frame (BGR, NumPy or a tensor on its device) at the output height, in `color` order."""
     bgr = output_image(image, height)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if color == "rgb" else np.ascontiguousarray(bgr)

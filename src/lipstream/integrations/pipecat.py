@@ -52,16 +52,16 @@ from pipecat.services.settings import ServiceSettings
 from pipecat.utils.errors import ErrorCategory
 
 from lipstream import errors
-from lipstream.audio.load import PcmStream
 from lipstream.client import AvatarFrame, LipstreamClient, RemoteSession
 from lipstream.errors import AudioFormatError, LipstreamError
+from lipstream.integrations.agent_audio import AgentSpeech
 from lipstream.integrations.local import LocalSession, LocalSessions
+from lipstream.integrations.source import SessionSource
 from lipstream.stream.clock import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 DRAIN_MARGIN_S = 2.0  # at the EndFrame, how much longer than its queued audio the speech may take to play
-RATES = (8000, 192000)  # sample rates a TTSAudioRawFrame may have
 
 # What kind of failure each error is, for Pipecat (the first matching class decides).
 CATEGORIES = (
@@ -92,19 +92,11 @@ class LipstreamVideoService(AIService):
                  fps: int | None = None, output_height: int | None = None, host: LocalSessions | None = None,
                  **kwargs):
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
-        if url is not None and host is not None:
-            raise ValueError("give either url (a lipstream server) or host (sessions in this process), not both")
-        self._avatar = avatar
-        self._url = url
-        self._api_key = api_key
-        self._fps = fps
-        self._output_height = output_height
-        self._host = host
-        self._own_host = host is None and url is None
+        self._source = SessionSource(avatar, url, api_key, fps, output_height, host)
         self._client: LipstreamClient | None = None
         self._session: LocalSession | RemoteSession | None = None
         self._player: asyncio.Task | None = None
-        self._pcm: PcmStream | None = None  # the utterance's audio -> 16 kHz mono
+        self._speech = AgentSpeech("a TTSAudioRawFrame")  # the utterance's audio -> 16 kHz mono
         self._utterance_open = False
         self._pushed = 0  # 16 kHz samples of speech given to the session since the last interruption
         self._played = 0  # ... and heard since then (speaking frames' audio)
@@ -125,8 +117,9 @@ class LipstreamVideoService(AIService):
             self._session = await self._open()
         except Exception as exc:  # noqa: BLE001 - whatever stops the session, the pipeline goes on and hears why
             await self._close()
-            where = f"the lipstream server at {self._url}" if self._url else "lipstream in this process"
-            await self.push_error(f"{where} could not open a session of avatar {str(self._avatar)!r}: {exc}",
+            source = self._source
+            where = f"the lipstream server at {source.url}" if source.url else "lipstream in this process"
+            await self.push_error(f"{where} could not open a session of avatar {str(source.avatar)!r}: {exc}",
                                   exception=exc, force_treat_as_permanent=True)
 
     async def stop(self, frame: EndFrame):
@@ -143,12 +136,11 @@ class LipstreamVideoService(AIService):
         await self._close()
 
     async def _open(self) -> LocalSession | RemoteSession:
-        if self._url is not None:
-            self._client = LipstreamClient(self._url, self._api_key)
-            return await self._client.open_session(str(self._avatar), fps=self._fps, output_height=self._output_height)
-        if self._host is None:
-            self._host = LocalSessions()
-        return await self._host.open(self._avatar, fps=self._fps, output_height=self._output_height)
+        source = self._source
+        if source.url is None:
+            return await source.open_local()
+        self._client = LipstreamClient(source.url, source.api_key)
+        return await self._client.open_session(str(source.avatar), fps=source.fps, output_height=source.output_height)
 
     async def _close(self) -> None:
         """Stop the frames and close the session (idempotent)."""
@@ -164,9 +156,7 @@ class LipstreamVideoService(AIService):
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-        if self._own_host and self._host is not None:
-            host, self._host = self._host, None
-            await host.aclose()
+        await self._source.aclose()
 
     # ---- frames in -------------------------------------------------------------------------------
 
@@ -202,26 +192,8 @@ class LipstreamVideoService(AIService):
         self._utterance_open = True
 
     def _to_16k(self, frame: TTSAudioRawFrame) -> np.ndarray:
-        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's PcmStream, which keeps
-        pace with the TTS: its resampler's millisecond of delay is a millisecond of silence first; a new
-        one, after the old one's tail, when the rate or the channels change)."""
-        audio, rate, channels = frame.audio, frame.sample_rate, frame.num_channels
-        if not isinstance(audio, bytes | bytearray | memoryview) or not isinstance(channels, int) or channels < 1:
-            raise AudioFormatError(f"a TTSAudioRawFrame must carry 16-bit PCM bytes with >= 1 channel; got "
-                                   f"{type(audio).__name__} with num_channels={channels!r}")
-        if len(audio) % (2 * channels):
-            raise AudioFormatError(f"a TTSAudioRawFrame's audio is not 16-bit PCM: {len(audio)} bytes is not a whole "
-                                   f"number of {channels}-channel samples of 2 bytes; the chunk was dropped")
-        if not isinstance(rate, int) or not RATES[0] <= rate <= RATES[1]:
-            raise AudioFormatError(f"a TTSAudioRawFrame's sample rate is {rate!r} Hz; lipstream takes "
-                                   f"{RATES[0]}..{RATES[1]} Hz")
-        tail = np.zeros(0, np.float32)
-        if self._pcm is not None and (self._pcm.sample_rate, self._pcm.channels) != (rate, channels):
-            tail = self._pcm.flush()
-            self._pcm = None
-        if self._pcm is None:
-            self._pcm = PcmStream(rate, channels, lead_in=True)
-        return np.concatenate([tail, self._pcm.push(bytes(audio))])
+        """The frame's audio as float32 [n] mono 16 kHz (through the utterance's `AgentSpeech`)."""
+        return self._speech.push(frame.audio, frame.sample_rate, frame.num_channels)
 
     async def _push(self, pcm: np.ndarray) -> None:
         if self._session is None or not pcm.size:
@@ -237,9 +209,7 @@ class LipstreamVideoService(AIService):
 
     async def _end_utterance(self) -> None:
         """The current utterance (if any) is complete: the resampler's tail, then the end."""
-        pcm, self._pcm = self._pcm, None
-        if pcm is not None:
-            await self._push(pcm.flush())
+        await self._push(self._speech.flush())
         if self._utterance_open and self._session is not None:
             self._utterance_open = False
             try:
@@ -248,7 +218,7 @@ class LipstreamVideoService(AIService):
                 await self._lost(exc)
 
     async def _interrupt(self) -> None:
-        self._pcm = None
+        self._speech.reset()
         self._utterance_open = False
         self._pushed = self._played = 0
         if self._session is not None:

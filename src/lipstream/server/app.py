@@ -26,7 +26,7 @@ from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.errors import SettingsError
 from lipstream.media.encoding import EncodingPool, frame_jpeg, nvjpeg_available
-from lipstream.server import avatar_switch, http_errors, rest, webrtc, websocket
+from lipstream.server import avatar_switch, http_errors, livekit_rooms, rest, webrtc, websocket
 from lipstream.server.auth import ApiKeys, CallerDep
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.body_limit import BodyLimitMiddleware
@@ -96,6 +96,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     app.include_router(websocket.router)
     app.include_router(webrtc.router)
     app.include_router(avatar_switch.router)
+    app.include_router(livekit_rooms.router)
     if settings.api_docs:
         _add_api_docs(app)
 

@@ -1,6 +1,7 @@
-"""Errors a user can cause, as HTTP replies: each `LipstreamError` becomes a 4xx (or 503) with its
-own message, as `{"detail": message, "error": class name}`. What a client reads never shows the
-server's paths (`public_text`)."""
+"""Errors a user can cause, as HTTP replies: each `LipstreamError` becomes a 4xx (or 503 while the
+server is not ready, 501/502 when it cannot join a LiveKit room) with its own message, as
+`{"detail": message, "error": class name}`. What a client reads never shows the server's paths
+(`public_text`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ STATUS = (
     (errors.WeightsError, 503),
     (errors.NotReadyError, 503),
     (errors.OverloadedError, 503),
+    (errors.LiveKitUnavailableError, 501),
+    (errors.LiveKitJoinError, 502),
 )
 
 

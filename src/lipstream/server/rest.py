@@ -21,7 +21,7 @@ from lipstream.config import Settings, check_output_height
 from lipstream.engines import ENGINE_NAMES
 from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError, OutputTooLargeError
 from lipstream.media.encoding import output_size
-from lipstream.server.auth import CallerDep, require_metrics_key
+from lipstream.server.auth import Caller, CallerDep, require_metrics_key
 from lipstream.server.registry import OpenSession
 from lipstream.stream.capacity import Demand
 from lipstream.stream.session import Session
@@ -177,6 +177,13 @@ def describe_session(entry: OpenSession) -> dict:
 async def create_session(body: SessionRequest, request: Request, caller: CallerDep) -> dict:
     """Open a session showing `avatar`; connect a viewer (WebSocket or WebRTC offer) to it next. 503 with
     Retry-After when the server has no capacity left for it (setting admission_control)."""
+    return describe_session(await open_session(body, request, caller))
+
+
+async def open_session(body: SessionRequest, request: Request, caller: Caller) -> OpenSession:
+    """A new session of the server (registered, no viewer yet), as `body` asks: every way of making a
+    session goes through here, so that each is counted, limited and admitted alike (OverloadedError
+    when the server has no capacity left for it)."""
     _require_ready(request)
     state = _state(request)
     settings = state.settings
@@ -205,7 +212,7 @@ async def create_session(body: SessionRequest, request: Request, caller: CallerD
     except BaseException:
         state.capacity.release(ticket)
         raise
-    return describe_session(entry)
+    return entry
 
 
 def _output_height(requested: int | None, settings: Settings, frame_height: int) -> int:

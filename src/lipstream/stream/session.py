@@ -77,7 +77,9 @@ class OutputFrame:
       "speech_ended" (first frame after one; also after an interrupted one), "interrupted" (first
       frame after interrupt()), "avatar_changed" (first frame of the avatar switch_avatar() gave).
     cycle: the avatar cycle frame the image is built on (0 <= cycle < len(avatar)).
-    avatar: the name of the avatar shown."""
+    avatar: the name of the avatar shown.
+    speech_samples: how many of `audio`'s first samples are the utterance's own audio; the rest is
+      silence the session adds (idle and stalled frames, and the end of an utterance's last frame)."""
 
     index: int
     pts: float
@@ -87,6 +89,7 @@ class OutputFrame:
     events: list[str]
     cycle: int
     avatar: str
+    speech_samples: int
 
 
 class Session:
@@ -239,7 +242,7 @@ class Session:
         if head is not None and not head.started and self._can_start(head):
             self._start(head, events)
         if head is not None and head.started:
-            cycle, image, audio = self._speech_frame(head, k)
+            cycle, image, audio, speech = self._speech_frame(head, k)
             speaking = True
             if head.finished():
                 self._utterances.popleft()
@@ -252,14 +255,14 @@ class Session:
                 self._cycle += 1
             image = self._idle(cycle)
             audio = np.zeros(self.clock.audio_samples(k), np.int16)
-            speaking = False
+            speaking, speech = False, 0
         self._k += 1
         self._counts["frames_sent"] += 1
         self._counts["speech_frames"] += speaking
         _FRAMES_BY_KIND[speaking].inc()
         self._submit_ready()
         return OutputFrame(k, self.clock.pts(k), image, audio, speaking, events, cycle % self._cycle_length,
-                           self.avatar.name)
+                           self.avatar.name, speech)
 
     @property
     def speaking(self) -> bool:
@@ -374,8 +377,9 @@ class Session:
             FIRST_FRAME_SECONDS.observe(now - ready_at)
         self._first_audio_to_frame_ms = 1000 * (now - utt.first_push_at)
 
-    def _speech_frame(self, utt: Utterance, k: int) -> tuple[int, np.ndarray | torch.Tensor, np.ndarray]:
-        """Frame k inside a showing utterance: (cycle position, image, audio)."""
+    def _speech_frame(self, utt: Utterance, k: int) -> tuple[int, np.ndarray | torch.Tensor, np.ndarray, int]:
+        """Frame k inside a showing utterance: (cycle position, image, audio, how many of the audio's
+        first samples are the utterance's)."""
         cycle = self._cycle
         j = utt.next_j
         if j < utt.featured:
@@ -395,11 +399,13 @@ class Session:
         elif not utt.flushed:  # the client is behind: hold audio and video together
             self._counts["stalled_frames"] += 1
             STALLED_FRAMES.inc()
-            return cycle, self._idle(cycle), np.zeros(self.clock.audio_samples(k), np.int16)
+            return cycle, self._idle(cycle), np.zeros(self.clock.audio_samples(k), np.int16), 0
         else:  # audio past the last whole frame
             image = None
         self._cycle += 1
-        return cycle, self._idle(cycle) if image is None else image, utt.take_audio(self.clock.audio_samples(k))
+        n = self.clock.audio_samples(k)
+        speech = min(n, utt.queued_samples)
+        return cycle, self._idle(cycle) if image is None else image, utt.take_audio(n), speech
 
     def _submit_ready(self) -> None:
         """Hand the frames due within `ahead_s` to the scheduler, in display order. An utterance not
