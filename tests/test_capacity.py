@@ -15,7 +15,7 @@ from lipstream.engines.warp import WarpEngine
 from lipstream.errors import OverloadedError
 from lipstream.metrics import FRAMES
 from lipstream.server.app import create_app
-from lipstream.stream.capacity import OVERHEAD_PRIOR_S, Capacity, Demand, Timing
+from lipstream.stream.capacity import OVERHEAD_PRIOR_S, Capacity, Demand, Timing, calibrate
 from lipstream.stream.scheduler import Scheduler
 from server_helpers import server_settings, store_avatar
 from stream_helpers import CountingWarp, FakeNow, small_avatar
@@ -110,6 +110,18 @@ def test_sampling_measures_the_cpu_no_stage_accounts_for():
             pass
         capacity.sample()
     assert capacity.report()["frame_ms"]["overhead"] > 2 * 1000 * OVERHEAD_PRIOR_S
+
+
+def test_calibration_times_every_stage_of_an_engine():
+    """`calibrate` (what a server runs as an engine starts) measures the features, the engine,
+    compositing and encoding of a 720p frame: after it, each has a cost and free capacity is known."""
+    capacity = Capacity(target=0.75, max_batch=4, fps=25)
+    encoded = []
+    calibrate(capacity, WarpEngine(), encode=lambda frame: encoded.append(frame.shape), max_batch=4)
+    report = capacity.report()
+    assert encoded and set(encoded) == {(720, 1280, 3)}
+    assert all(report["frame_ms"][stage] > 0 for stage in ("engine", "features", "composite", "encode"))
+    assert report["free_sessions"] is not None and report["free_fps"] > 0
 
 
 @pytest.mark.anyio
