@@ -8,6 +8,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -232,6 +233,10 @@ def test_teeth_come_from_the_most_open_frame(hopper_material, material):
     assert np.array_equal(avatar_teeth(crops[:1], landmarks[:1]), hopper_material["teeth"][0].numpy())
     flat = avatar_teeth(np.full((1, 256, 256, 3), 90, np.uint8), np.zeros((1, 478, 2), np.float32))
     assert flat.shape == (2, TEETH_ROWS, TEETH_COLS, 4)  # landmarks without a mouth: drawn teeth, no error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a black face: grey teeth, not NaN
+        black = avatar_teeth(np.zeros((1, 256, 256, 3), np.uint8), np.zeros((1, 478, 2), np.float32))
+    assert black[0, 5, TEETH_COLS // 2, :3].min() > 90 and np.ptp(black[0, 5, TEETH_COLS // 2, :3]) <= 1
 
 
 def test_only_the_mouth_region_moves(material):

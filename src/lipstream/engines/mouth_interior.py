@@ -55,8 +55,8 @@ def teeth_tone(crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     TEETH_LUMA and mostly desaturated. crop: uint8 [256, 256, 3] BGR; landmarks: float32 [478, 2]."""
     points = np.clip(np.round(landmarks[list(SKIN_POINTS)]).astype(int), 1, crop.shape[0] - 2)
     patches = [crop[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3) for x, y in points]
-    skin = np.median(np.concatenate(patches), axis=0).astype(np.float32)
-    luma = max(float(_luma(skin)), 1.0)
+    skin = np.maximum(np.median(np.concatenate(patches), axis=0).astype(np.float32), 1.0)  # black: grey teeth
+    luma = float(_luma(skin))
     gain, low, high = TEETH_LUMA
     target = min(max(gain * luma, low), high)
     cast = (skin / luma) ** TEETH_TINT
