@@ -8,6 +8,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -32,8 +33,8 @@ from lipstream.bench import warp_faces
 from lipstream.engines.base import Engine, concat, take
 from lipstream.engines.mouth_features import SETTLE_MS
 from lipstream.engines.mouth_geometry import NOSE_BASE, mouth_frame
-from lipstream.engines.mouth_interior import TEETH_COLS, TEETH_ROWS, teeth_from_frame
-from lipstream.engines.mouth_warp import BOTTOM_STILL, EDGE, warp_mouth
+from lipstream.engines.mouth_interior import TEETH_COLS, TEETH_ROWS, paint_opening, teeth_from_frame
+from lipstream.engines.mouth_warp import BOTTOM_STILL, EDGE, OPEN_APERTURE, OVERBITE, SQUEEZE, warp_mouth
 from lipstream.engines.select import load_engine
 from lipstream.engines.warp import WarpEngine, avatar_teeth
 from lipstream.errors import MissingWeightsError, NoFaceError
@@ -232,6 +233,10 @@ def test_teeth_come_from_the_most_open_frame(hopper_material, material):
     assert np.array_equal(avatar_teeth(crops[:1], landmarks[:1]), hopper_material["teeth"][0].numpy())
     flat = avatar_teeth(np.full((1, 256, 256, 3), 90, np.uint8), np.zeros((1, 478, 2), np.float32))
     assert flat.shape == (2, TEETH_ROWS, TEETH_COLS, 4)  # landmarks without a mouth: drawn teeth, no error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a black face: grey teeth, not NaN
+        black = avatar_teeth(np.zeros((1, 256, 256, 3), np.uint8), np.zeros((1, 478, 2), np.float32))
+    assert black[0, 5, TEETH_COLS // 2, :3].min() > 90 and np.ptp(black[0, 5, TEETH_COLS // 2, :3]) <= 1
 
 
 def test_only_the_mouth_region_moves(material):
@@ -292,11 +297,89 @@ def test_the_jaw_drops_and_the_neck_below_gives_way(material):
         assert (np.diff(column) >= 0).all()  # down the chin and neck: no fold
         assert np.array_equal(face[256 - BOTTOM_STILL:], chart[256 - BOTTOM_STILL:])
     assert 2 < drops[0] < drops[1] < 20
+    room = 256 - 1 - BOTTOM_STILL - landmarks[CHIN, 1]  # rows between the chin and the still bottom
+    assert drops[1] >= SQUEEZE * room - 1.5  # the chin drops as far as squeezing the rows below allows
     cut = landmarks.copy()  # a chin at the crop's very bottom (the face box cut by the frame): no room
     cut[CHIN, 1] = 255.5
     face = warp_mouth(chart, cut, np.float32([1, 0, 0]), no_teeth)
     assert np.array_equal(face[256 - BOTTOM_STILL:], chart[256 - BOTTOM_STILL:])
     assert abs(int(face[250, x, 0]) - 250) <= 1  # the jaw could not drop: the rows above the edge stay
+
+
+def centre_column(face: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """The chart warped to `face`, at the mouth's centre column: (its pixels [256, 3], the column, the
+    seam's row there)."""
+    frame = mouth_frame(landmarks)
+    column, seam = frame.to_pixels(np.zeros(1), frame.seam(np.zeros(1)))[0]
+    return face[:, round(column)], round(column), float(seam)
+
+
+def test_openings_are_measured_from_the_lips_at_rest(material, hopper_material):
+    """The astronaut's lips are apart in her smile, Grace Hopper's closed: an opening parts either pair
+    by the same OPEN_APERTURE * open (half mouth widths) more, so her open vowels open clearly wider than
+    her smile. On the chart, at the centre: the new rows between the lips (the drawn inside, or the
+    seam's row drawn out where her lower teeth come out) number that many pixels."""
+    chart = coordinate_chart()
+    for material_ in (material, hopper_material):
+        landmarks = material_["landmarks"][0].numpy()
+        no_teeth = np.zeros_like(material_["teeth"][0].numpy())
+        frame = mouth_frame(landmarks)
+        for open_ in (0.5, 1.0):
+            face = warp_mouth(chart, landmarks, np.float32([open_, 0, 0]), no_teeth).astype(int)
+            column, _, seam = centre_column(face, landmarks)
+            new_rows = (column[:, 2] < 255) | (np.abs(column[:, 0] - seam) <= 0.5)
+            assert abs(new_rows.sum() - OPEN_APERTURE * open_ * frame.scale) <= 2, (open_, frame.lips_apart)
+    assert mouth_frame(material["landmarks"][0].numpy()).lips_apart > 0.2  # hers: apart at rest
+
+
+def test_the_lower_lip_keeps_its_shape(material, hopper_material):
+    """As the mouth opens the lower lip moves down whole: its rows (from its inner edge to its outer
+    one, where they were) come out as many on the chart's centre column; the skin below gives way."""
+    chart = coordinate_chart()
+    for material_ in (material, hopper_material):
+        landmarks = material_["landmarks"][0].numpy()
+        no_teeth = np.zeros_like(material_["teeth"][0].numpy())
+        _, x, _ = centre_column(chart, landmarks)
+        top, bottom = landmarks[LOWER_LIP_INNER, 1], landmarks[17, 1]  # 17: the lower lip's outer edge
+        face = warp_mouth(chart, landmarks, np.float32([1, 0, 0]), no_teeth).astype(int)
+        source = face[:, x, 0][face[:, x, 2] == 255]  # rows of the face, not the drawn inside
+        lip = ((source >= top) & (source <= bottom)).sum()
+        assert abs(lip - (bottom - top)) <= 2, (lip, bottom - top)
+
+
+def test_her_lower_teeth_come_out_before_her_mouth_opens_dark(material):
+    """The astronaut's lower teeth sit behind her upper ones: a small opening (less than OVERBITE) shows
+    more of her teeth and no dark mouth; a larger one opens a dark gap between the rows."""
+    crop, landmarks = material["crops"][0].numpy(), material["landmarks"][0].numpy()
+    teeth = material["teeth"][0].numpy()
+    small = 0.8 * OVERBITE / OPEN_APERTURE  # the lips part by 0.8 OVERBITE at the centre
+    chart = coordinate_chart()
+    for open_, dark in ((small, False), (0.5, True)):
+        column, _, _ = centre_column(warp_mouth(chart, landmarks, np.float32([open_, 0, 0]), np.zeros_like(teeth)),
+                                     landmarks)
+        assert (column[:, 2] < 255).any() == dark  # the inside is drawn only past the overbite
+    (x1, y1), (x2, y2) = landmarks[list(LIPS_OUTER)].min(0), landmarks[list(LIPS_OUTER)].max(0)
+    box = slice(int(y1), int(y2) + 1), slice(int(x1), int(x2) + 1)
+
+    def bright(face: np.ndarray) -> int:  # her teeth
+        return int((face[box].astype(int).sum(-1) > 600).sum())
+
+    assert bright(warp_mouth(crop, landmarks, np.float32([small, 0, 0]), teeth)) > bright(crop) + 30
+
+
+def test_a_thin_opening_shows_the_tongue_a_wide_one_the_dark_above_it():
+    """Just parted, the mouth shows the tongue right behind the teeth; wide open, the tongue lies low and
+    a third of the way down the opening lies the darker mouth above it."""
+    lips = np.float32([120, 120, 200])
+    middle = []
+    for height in (5, 40):  # pixels, one pixel per row: a = rows below the upper lip, b = above the lower
+        rows = np.arange(height, dtype=np.float32)[:, None] + 0.5
+        a, b = rows / 10, (height - rows) / 10  # 10 pixels per half mouth width
+        region = np.broadcast_to(lips, (height, 1, 3)).copy()
+        inside = paint_opening(region, np.ones((height, 1), np.float32), lips, np.zeros((height, 1), np.float32),
+                               a, b, 10.0, None).astype(float)
+        middle.append(inside[int(0.35 * height), 0])  # a third of the way down
+    assert middle[0].sum() > 1.4 * middle[1].sum() and middle[1].sum() < 0.15 * lips.sum()
 
 
 def test_the_mouth_follows_speech_on_real_faces(engine, avatar, mesh):

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                          r["jitter"]] for r in rows]))
     for r in rows:
         verdict = "met" if r["aperture_envelope_r"] >= TARGET_CORRELATION else "MISSED"
-        print(f"{r['face']}: aperture~envelope r = {r['aperture_envelope_r']:.2f} vs target >= "
+        print(f"{r['face']}: aperture~envelope r = {r['aperture_envelope_r']:.3f} vs target >= "
               f"{TARGET_CORRELATION}: {verdict}; mouth change in silence: {r['silent_mouth_change']}")
     settings = {"fps": FPS, "audio": source, "seconds": audio.shape[0] / 16000, "settle_ms": SETTLE_MS,
                 "opencv": cv2.__version__, "numpy": np.__version__}

@@ -13,8 +13,9 @@ with the widest-open mouth, when that is open enough to show it), otherwise draw
 arch of incisors, laterals and canines, shaded darker towards the corners and under the lip, in a
 tone taken from the face's skin (so the teeth share the photo's light and colour cast). Between the
 teeth lies the cavity (`paint_opening`): the lips' colour, redder, darkest in the middle of the
-opening and towards the corners, with the tongue's rounded top rising from below once the mouth is
-open enough."""
+opening and towards the corners, and the tongue: right behind the teeth it fills a mouth just
+parted (TONGUE_PX), and as the mouth opens wider it lies lower, its rounded top rising from below
+the dark mouth."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ CAVITY_TINT = np.float32([0.7, 0.7, 1.0])  # BGR: the cavity is redder than the 
 CAVITY_SHADE = (0.4, 0.12)  # cavity brightness vs the lips' colour: at the lips, in the middle
 TONGUE_TINT = np.float32([0.6, 0.62, 0.9])
 TONGUE_TOP = (0.58, 0.3)  # the tongue's top: this share of the opening down, plus this x u^2
-TONGUE_PX = (8.0, 18.0)  # the tongue shows from this opening height (pixels) on, fully from the next
+TONGUE_PX = (8.0, 18.0)  # the tongue fills an opening up to this high (pixels), is down at TONGUE_TOP from that
 # skin samples for the teeth's tone: cheeks beside the nose wings and mouth, below the lower lip, the chin
 SKIN_POINTS = (205, 425, 50, 280, 18, 200, 199)
 
@@ -54,8 +55,8 @@ def teeth_tone(crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     TEETH_LUMA and mostly desaturated. crop: uint8 [256, 256, 3] BGR; landmarks: float32 [478, 2]."""
     points = np.clip(np.round(landmarks[list(SKIN_POINTS)]).astype(int), 1, crop.shape[0] - 2)
     patches = [crop[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3) for x, y in points]
-    skin = np.median(np.concatenate(patches), axis=0).astype(np.float32)
-    luma = max(float(_luma(skin)), 1.0)
+    skin = np.maximum(np.median(np.concatenate(patches), axis=0).astype(np.float32), 1.0)  # black: grey teeth
+    luma = float(_luma(skin))
     gain, low, high = TEETH_LUMA
     target = min(max(gain * luma, low), high)
     cast = (skin / luma) ** TEETH_TINT
@@ -119,9 +120,9 @@ def paint_opening(region: np.ndarray, alpha: np.ndarray, lips: np.ndarray, u: np
     corner = 1.0 - 0.35 * np.minimum(u * u, 1.0)
     shade = (CAVITY_SHADE[0] + (CAVITY_SHADE[1] - CAVITY_SHADE[0]) * np.sin(np.pi * depth)) * corner
     inner = shade[..., None] * (lips * CAVITY_TINT)
-    tongue_top = TONGUE_TOP[0] + TONGUE_TOP[1] * u * u
+    sink = np.clip((height * scale - TONGUE_PX[0]) / (TONGUE_PX[1] - TONGUE_PX[0]), 0.0, 1.0)
+    tongue_top = sink * (TONGUE_TOP[0] + TONGUE_TOP[1] * u * u)
     tongue = np.clip((depth - tongue_top) * height * scale / 2 + 0.5, 0.0, 1.0)
-    tongue *= np.clip((height * scale - TONGUE_PX[0]) / (TONGUE_PX[1] - TONGUE_PX[0]), 0.0, 1.0)
     tongue_colour = ((0.2 + 0.25 * depth) * corner)[..., None] * (lips * TONGUE_TINT)
     inner += tongue[..., None] * (tongue_colour - inner)
     if teeth is not None:
