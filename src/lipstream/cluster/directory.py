@@ -14,7 +14,7 @@ import ray
 
 NAME = "lipstream-directory"
 NAMESPACE = "lipstream"
-STALE_S = 5.0
+STALE_S = 3.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
