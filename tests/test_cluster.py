@@ -17,13 +17,13 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the cluster needs the `cluster` extra (Ray Serve)")
 
-from aiortc import RTCPeerConnection  # noqa: E402
+from aiortc import RTCPeerConnection
 
-from lipstream.bench.serve import free_port  # noqa: E402
-from lipstream.client import LipstreamClient  # noqa: E402
-from lipstream.cluster import launch, proxy  # noqa: E402
-from lipstream.errors import OverloadedError, SessionClosedError  # noqa: E402
-from server_helpers import server_settings, store_avatar  # noqa: E402
+from lipstream.bench.serve import free_port
+from lipstream.client import LipstreamClient
+from lipstream.cluster import launch, proxy
+from lipstream.errors import OverloadedError, SessionClosedError
+from server_helpers import server_settings, store_avatar
 
 pytestmark = pytest.mark.anyio
 KEY = {"X-API-Key": "k-default"}
@@ -110,7 +110,8 @@ async def test_ready_and_metrics_cover_every_replica(cluster):
         names = set(await ready_replicas(client))
         assert ready["ready"] and len(names) == 2
         assert ready["capacity"]["free_sessions"] == 2 * PER_REPLICA
-    reply = httpx.get(f"{cluster.url}/metrics", headers={"Authorization": "Bearer k-metrics"})
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{cluster.url}/metrics", headers={"Authorization": "Bearer k-metrics"})
     assert reply.status_code == 200 and reply.headers[proxy.MARK_HEADER.decode()] == "-"
     labelled = {line.split('replica="')[1].split('"')[0] for line in reply.text.splitlines() if 'replica="' in line}
     assert labelled == names

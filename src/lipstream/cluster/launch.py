@@ -55,6 +55,8 @@ class RunningCluster:
     replicas: int  # how many were started
     gpus_per_replica: float
     local: bool  # this process started Ray
+    settings: Settings  # the replicas' (with the key made for this run, the engine chosen)
+    options: ClusterOptions
 
 
 def start(settings: Settings, options: ClusterOptions) -> RunningCluster:
@@ -78,12 +80,13 @@ def start(settings: Settings, options: ClusterOptions) -> RunningCluster:
         replicas = min(max(replicas, low), high)
     serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location=options.proxy_location)
     directory()
-    serve.run(_deployment(settings, options, gpus_per_replica, replicas), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    serve.run(_deployment(settings, options, gpus_per_replica, replicas), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     _wait_ready(f"http://{host}:{settings.port}", key or next(iter(settings.api_keys)), replicas,
                 options.ready_timeout_s)
-    return RunningCluster(page_url(settings, None).rstrip("/"), key, replicas, gpus_per_replica, local)
+    return RunningCluster(page_url(settings, None).rstrip("/"), key, replicas, gpus_per_replica, local, settings,
+                          options)
+
 
 
 def _bounds(options: ClusterOptions, replicas: int) -> tuple[int, int]:
