@@ -4,5 +4,5 @@ session routed to its replica by the id in its URL, autoscaling on sessions, dra
 
 Modules: affinity (routing keys from URLs), proxy (the middleware in Serve's HTTP proxies), router
 (Serve's request router), replica (the deployment), autoscale (the policy), directory (the replicas'
-states), metrics (one exposition of all), launch (starting it all), cli (the command). Only `cli` and
-`affinity` import without Ray."""
+states), metrics (one exposition of all), launch (starting it all), cli (the command). `cli`,
+`affinity`, `proxy` and `metrics` import without Ray; the others need the `cluster` extra."""
