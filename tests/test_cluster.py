@@ -2,7 +2,10 @@
 (max_sessions 2 each) behind Ray Serve's proxy on a loopback port, driven through its HTTP API,
 WebSocket and WebRTC signalling as a client of one server would: placement over both replicas, every
 request of a session reaching its own replica, capacity refusal, an avatar prepared through one replica
-shown by both, /ready and /metrics of every replica, and a replica's process killed mid-session."""
+shown by both, /ready and /metrics of every replica, and a replica's process killed mid-session.
+
+The cluster runs with `frames="direct"`: session replies name each replica's own port for the WebSocket
+and the offer, which the client follows; the same paths through the proxy are used alongside."""
 
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def cluster(tmp_path_factory):
     store_avatar(root)
     settings = server_settings(root, host="127.0.0.1", port=free_port(), output_height=128, max_sessions=PER_REPLICA)
     running = launch.start(settings, launch.ClusterOptions(replicas=2, cpus_per_replica=0.5, num_cpus=2,
-                                                           proxy_location="HeadOnly", ready_timeout_s=180))
+                                                           proxy_location="HeadOnly", frames="direct",
+                                                           ready_timeout_s=180))
     try:
         yield running
     finally:
@@ -47,17 +51,21 @@ async def ready_replicas(client: LipstreamClient) -> dict[str, dict]:
     return {r["name"]: r for r in (await client.ready())["replicas"] if r["ready"]}
 
 
-async def offer(url: str, session_id: str) -> httpx.Response:
-    """A WebRTC offer (recvonly video and audio, a data channel) for the session, through the proxy."""
+def through_proxy(info: dict) -> dict:
+    """The session reply with its WebSocket as the path on the cluster's port (through Serve's proxy)."""
+    return {**info, "ws": f"/api/sessions/{info['id']}/ws"}
+
+
+async def offer(url: str) -> httpx.Response:
+    """A WebRTC offer (recvonly video and audio, a data channel) posted to `url`."""
     pc = RTCPeerConnection()
     try:
         pc.addTransceiver("video", direction="recvonly")
         pc.addTransceiver("audio", direction="recvonly")
         pc.createDataChannel("control")
         await pc.setLocalDescription(await pc.createOffer())
-        async with httpx.AsyncClient(base_url=url, headers=KEY) as http:
-            return await http.post(f"/api/sessions/{session_id}/offer",
-                                   json={"sdp": pc.localDescription.sdp, "type": "offer"})
+        async with httpx.AsyncClient(headers=KEY) as http:
+            return await http.post(url, json={"sdp": pc.localDescription.sdp, "type": "offer"})
     finally:
         await pc.close()
 
@@ -83,14 +91,20 @@ async def test_sessions_spread_over_the_replicas_and_every_request_reaches_its_o
             await client.interrupt(info["id"])
 
         first, second = sorted(infos, key=lambda i: i["instance"])[::PER_REPLICA]  # one on each replica
-        remote = [await client.connect(first), await client.connect(second)]  # the WebSocket
+        for info in (first, second):  # the reply leads to the replica's own port
+            assert info["ws"].startswith("ws://") and info["offer"].startswith("http://")
+            assert info["ws"].split("/")[2] != cluster.url.split("/")[2]
+        # the WebSocket: straight to the replica (as the reply says), and through the proxy
+        remote = [await client.connect(first), await client.connect(through_proxy(second))]
         for session, info in zip(remote, (first, second), strict=True):
             assert session.hello["session"] == info["id"]
             frame = await anext(session.frames())
             assert frame.image.shape == (128, 128, 3)
         others = [info for info in infos if info not in (first, second)]
-        for info in others:  # the WebRTC offer: answered by the replica that holds the session
-            reply = await offer(cluster.url, info["id"])
+        # the WebRTC offer, to the URL of the reply and through the proxy: answered by the session's replica
+        for info, url in zip(others, (others[0]["offer"], f"{cluster.url}/api/sessions/{others[1]['id']}/offer"),
+                             strict=True):
+            reply = await offer(url)
             assert reply.status_code == 200 and reply.json()["type"] == "answer", reply.text
             assert (await client.sessions()) and [s["viewer"] for s in await client.sessions()
                                                   if s["id"] == info["id"]] == ["webrtc"]
@@ -140,21 +154,25 @@ async def test_an_avatar_prepared_through_one_replica_is_shown_by_every_replica(
 
 
 async def test_a_replica_killed_mid_session(cluster):
-    """Its session ends with close code 1011 and a reason; the other replica's session keeps 25 fps;
+    """Its sessions end: the one whose WebSocket goes through the proxy with close code 1011 and a reason,
+    the one connected straight to it with a lost connection; the other replica's session keeps 25 fps;
     new sessions go to the survivor; Ray starts a replica in its place."""
     async with LipstreamClient(cluster.url, "k-default") as client:
         replicas = await ready_replicas(client)
-        doomed = await client.open_session("astronaut")
-        survivor = await client.open_session("astronaut")
-        assert {doomed.info["instance"], survivor.info["instance"]} == set(replicas)
+        infos = [await client.create_session("astronaut") for _ in range(3)]
+        doomed = [info for info in infos if info["instance"] == infos[0]["instance"]]
+        survivor_info = next(info for info in infos if info["instance"] != infos[0]["instance"])
+        assert len(doomed) == 2, infos
+        proxied, direct = await client.connect(through_proxy(doomed[0])), await client.connect(doomed[1])
+        survivor = await client.connect(survivor_info)
         survivor_frames = survivor.frames(color=None)
         await anext(survivor_frames)
 
-        os.kill(replicas[doomed.info["instance"]]["pid"], signal.SIGKILL)
+        os.kill(replicas[infos[0]["instance"]]["pid"], signal.SIGKILL)
 
-        async def closed_with() -> SessionClosedError:
+        async def closed_with(session) -> SessionClosedError:
             with pytest.raises(SessionClosedError) as ended:
-                async for _ in doomed.frames(color=None):
+                async for _ in session.frames(color=None):
                     pass
             return ended.value
 
@@ -166,8 +184,10 @@ async def test_a_replica_killed_mid_session(cluster):
                     return frames
             raise AssertionError("the survivor's frames ended")
 
-        ended, frames = await asyncio.gather(asyncio.wait_for(closed_with(), 30), frames_for(3.0))
-        assert "code 1011" in str(ended) and "stopped" in str(ended)
+        through, straight, frames = await asyncio.gather(asyncio.wait_for(closed_with(proxied), 30),
+                                                         asyncio.wait_for(closed_with(direct), 30), frames_for(3.0))
+        assert "code 1011" in str(through) and "stopped" in str(through)
+        assert "lost" in str(straight)
         indices = [f.index for f in frames]
         assert indices == list(range(indices[0], indices[0] + len(indices))), "no frame of the survivor lost"
         assert len(frames) >= 0.9 * 25 * 3, f"{len(frames)} frames in 3 s"
@@ -179,9 +199,9 @@ async def test_a_replica_killed_mid_session(cluster):
         deadline = time.monotonic() + 120
         while True:  # Ray Serve starts a new replica (a new name) in place of the dead one
             now = await ready_replicas(client)
-            if len(now) == 2 and doomed.info["instance"] not in now:
+            if len(now) == 2 and infos[0]["instance"] not in now:
                 break
             assert time.monotonic() < deadline, f"no replacement replica: {now}"
             await asyncio.sleep(1)
-        await survivor.aclose()
-        await doomed.aclose()
+        for session in (survivor, proxied, direct):
+            await session.aclose()

@@ -96,13 +96,13 @@ def test_placement_prefers_ready_replicas_with_the_most_free_sessions():
     assert {r.replica_id.unique_id for r in order[2:]} == {"draining", "loading"}
 
 
-def test_placement_counts_the_sessions_placed_since_a_replica_s_report():
+def test_placement_counts_the_sessions_placed_that_a_replica_s_report_cannot_count_yet():
+    """a's report is from t=100: a session still being made, or made after t=99.5, is not in it."""
     a, b = replica("a", free_sessions=2, free_fps=60.0), replica("b", free_sessions=2, free_fps=50.0)
     assert placement_order([a, b], {})[0] is a
-    placed_after = {a.replica_id: [100.1]}  # after a's report: not in its free sessions yet
-    assert placement_order([a, b], placed_after)[0] is b
-    placed_before = {a.replica_id: [98.0]}  # well before the report: counted in it already
-    assert placement_order([a, b], placed_before)[0] is a
+    for pending in (None, 99.8, 100.2):  # being made; made just before the report, or after it
+        assert placement_order([a, b], {a.replica_id: {"r1": pending}})[0] is b
+    assert placement_order([a, b], {a.replica_id: {"r1": 98.0}})[0] is a, "made well before: counted already"
 
 
 def test_every_replica_s_metrics_in_one_exposition():

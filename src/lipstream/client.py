@@ -204,9 +204,10 @@ class LipstreamClient:
             raise
 
     async def connect(self, info: dict) -> RemoteSession:
-        """Connect the WebSocket of a session made by `create_session` (its reply); waits for the
-        server's hello. Raises ServerUnreachableError, ApiKeyError, SessionNotFoundError, SessionBusyError."""
-        ws_url = "ws" + self.url.removeprefix("http") + info["ws"]  # http -> ws, https -> wss
+        """Connect the WebSocket of a session made by `create_session` (its reply: "ws", a path on this
+        server, or the URL of the server that holds the session); waits for the server's hello. Raises
+        ServerUnreachableError, ApiKeyError, SessionNotFoundError, SessionBusyError."""
+        ws_url = info["ws"] if "://" in info["ws"] else "ws" + self.url.removeprefix("http") + info["ws"]
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
         try:
             ws = await connect(ws_url, additional_headers=headers, max_size=None, open_timeout=self.timeout_s)
@@ -214,7 +215,7 @@ class LipstreamClient:
             raise ServerReplyError(f"{ws_url}: the server refused the WebSocket (HTTP "
                                    f"{exc.response.status_code}); is it a lipstream server?") from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ServerUnreachableError(f"cannot open the WebSocket of session {info['id']} at {self.url} "
+            raise ServerUnreachableError(f"cannot open the WebSocket of session {info['id']} at {ws_url} "
                                          f"({type(exc).__name__}: {exc})") from exc
         session = RemoteSession(self, ws, info)
         try:

@@ -42,6 +42,10 @@ class Settings(BaseModel):
                                           "cluster` replica, or an upstream of a proxy): session and job ids "
                                           "start with `<instance>.`, so the proxy can route by the id; "
                                           "lower-case letters, digits and dashes; empty: plain ids")
+    public_url: str = Field("", description="where clients reach this server directly (e.g. http://10.0.0.5:2160) "
+                                            "when a proxy is in front: session replies give their WebSocket and "
+                                            "WebRTC offer URLs on it, so the frames skip the proxy; empty: paths "
+                                            "on the address the client used")
     port: int = Field(2160, ge=1, le=65535, description="TCP port of the server")
     device: str = Field("auto", description='compute device: "auto" (CUDA if present, else CPU), "cpu", "cuda", '
                                             '"cuda:1"')
@@ -139,6 +143,13 @@ class Settings(BaseModel):
     @classmethod
     def _usable_height(cls, value: int) -> int:
         return check_output_height(value)
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError("public_url must be http(s)://host:port, without a path (or empty)")
+        return value.rstrip("/")
 
     @field_validator("instance")
     @classmethod

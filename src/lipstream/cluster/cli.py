@@ -38,6 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--drain-timeout-s", type=float, default=86400.0, metavar="S",
                        help="a replica being scaled down takes no new sessions and waits this long at most for "
                             "its open ones to end (default: a day)")
+    group.add_argument("--frames", choices=("proxy", "direct"), default="proxy",
+                       help="the path of WebSocket frames: through Ray Serve's proxy on the one port (default), or "
+                            "straight from a port of the replica's node, which the session reply names (no proxy "
+                            "cost per frame; the nodes' ports must be reachable; see the README)")
     group.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
                        help="where Ray Serve runs the HTTP proxies (default: every node)")
     cluster.set_defaults(func=run)
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         address=args.address, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         drain_timeout_s=args.drain_timeout_s, proxy_location=args.proxy_location,
-        sessions_per_replica=args.sessions_per_replica)
+        sessions_per_replica=args.sessions_per_replica, frames=args.frames)
     print("lipstream: starting the cluster (Ray, the proxies, the replicas' engines)...", flush=True)
     cluster = launch.start(settings, options)
     try:

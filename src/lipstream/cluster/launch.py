@@ -33,7 +33,8 @@ class ClusterOptions:
     the Ray cluster has GPUs, else 0 (CPU replicas of the warp engine). address: a Ray cluster to join
     (None: start a local Ray). proxy_location: "EveryNode" or "HeadOnly" (Serve's HTTP proxies).
     sessions_per_replica: the autoscaler's room per replica (None: what the replicas measure).
-    num_cpus: CPUs of a local Ray (None: all)."""
+    frames: "proxy": WebSocket frames go through Serve's proxy (one port); "direct": from the replica's
+    own port, named in the session reply. num_cpus: CPUs of a local Ray (None: all)."""
 
     replicas: int | None = None
     gpus_per_replica: float | None = None
@@ -44,6 +45,7 @@ class ClusterOptions:
     drain_timeout_s: float = 86400.0
     proxy_location: str = "EveryNode"
     sessions_per_replica: float | None = None
+    frames: str = "proxy"
     ready_timeout_s: float = 600.0
     num_cpus: float | None = None
 
@@ -113,7 +115,7 @@ def _deployment(settings: Settings, options: ClusterOptions, gpus_per_replica: f
         request_router_config=RequestRouterConfig(request_router_class="lipstream.cluster.router:SessionRouter",
                                                   request_routing_stats_period_s=STATS_PERIOD_S),
         **scaling,
-    ).bind(settings.model_dump(mode="json"), options.drain_timeout_s)
+    ).bind(settings.model_dump(mode="json"), options.drain_timeout_s, options.frames == "direct")
 
 
 def _wait_ready(url: str, key: str, replicas: int, timeout_s: float) -> None:

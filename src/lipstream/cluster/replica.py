@@ -8,7 +8,9 @@ Beyond the single server it:
 - reports itself to the cluster's directory each second, and answers /ready and /metrics for every
   replica of the cluster (the directory's list; each replica's metrics fetched from it through Serve);
 - drains when Serve stops it (scaling down, a new version): no new sessions, and it waits for its open
-  ones to end (at most `drain_timeout_s`, or until the cluster stops) before the server shuts down."""
+  ones to end (at most `drain_timeout_s`, or until the cluster stops) before the server shuts down;
+- with `direct`, also serves the app on a port of its own node (setting public_url), which session
+  replies name for the WebSocket and the WebRTC offer: the frames then skip Serve's proxy."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import socket
 import time
 
 import ray
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,6 +35,7 @@ from lipstream.server.app import create_app, drain
 from lipstream.server.auth import CallerDep, require_metrics_key
 from lipstream.server.engines import load_engine_for
 from lipstream.server.rest import TENANT_COUNTS, describe_session, tenant_figures
+from lipstream.server.serve import uvicorn_config
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +48,29 @@ UNCAPPED_FREE = 1000  # free sessions a replica without admission control or max
 
 @serve.ingress()
 class LipstreamReplica:
-    """settings: the server's settings (`Settings.model_dump(mode="json")`; `instance` is set here).
-    drain_timeout_s: how long a stopping replica waits for its sessions."""
+    """settings: the server's settings (`Settings.model_dump(mode="json")`; `instance` and, with
+    `direct`, `public_url` are set here). drain_timeout_s: how long a stopping replica waits for its
+    sessions. direct: serve the frames from a port of its own (see the module's doc)."""
 
-    async def __init__(self, settings: dict, drain_timeout_s: float):
+    async def __init__(self, settings: dict, drain_timeout_s: float, direct: bool = False):
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.settings = Settings(**{**settings, "instance": self.name})
+        own = {"instance": self.name}
+        listener = None
+        if direct:  # a port of this node, bound now so that no other process takes it
+            host = settings["host"] or "0.0.0.0"
+            listener = socket.create_server((host, 0))
+            reachable = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
+            own["public_url"] = f"http://{reachable}:{listener.getsockname()[1]}"
+        self.settings = Settings(**{**settings, **own})
         self.drain_timeout_s = drain_timeout_s
         engine, reason = await asyncio.to_thread(load_engine_for, self.settings, self.settings.engine)
         log.info("replica %s: %s", self.name, reason)
         self.server = create_app(self.settings, engine=engine, engine_reason=reason)
         _add_cluster_routes(self.server, self)
+        self._direct: uvicorn.Server | None = None
+        if listener is not None:  # the same app (its lifespan is Serve's to run)
+            self._direct = uvicorn.Server(uvicorn_config(self.server, self.settings, lifespan="off", log_level="warning"))
+            self._direct_task = asyncio.get_running_loop().create_task(self._direct.serve(sockets=[listener]))
         self.directory = directory()
         self.stopping = False  # the cluster is stopping (the directory says so)
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
@@ -138,6 +154,8 @@ class LipstreamReplica:
                 break
         log.info("replica %s: drained (%d sessions left); stopping", self.name, len(self.server.state.sessions))
         self._reporter.cancel()
+        if self._direct is not None:
+            self._direct.should_exit = True
         with contextlib.suppress(Exception):
             await self.directory.leave.remote(self.name)
         await super().__del__()  # Serve's ASGI wrapper: the app's lifespan shutdown closes what is left

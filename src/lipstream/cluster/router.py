@@ -5,8 +5,9 @@ It reads the routing key the proxy middleware put in Serve's session header (`af
   that replica is gone, to any replica, which answers 404 (the session ended with its replica);
 - a request that makes a session or a job goes to the ready, not draining replica with the most free
   sessions, as each replica last reported them (`LipstreamReplica.record_routing_stats`, every
-  `STATS_PERIOD_S`, stamped with the wall time), less the sessions this router placed on it since;
-  when every replica is full the one with the most goes first, and it answers 503 with Retry-After;
+  `STATS_PERIOD_S`, stamped with the wall time), less the sessions this router placed on it that the
+  report cannot count yet; when every replica is full the one with the most goes first, and it
+  answers 503 with Retry-After;
 - anything else goes to any replica (Serve's own choice among them by queue length)."""
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 from lipstream.cluster.affinity import PLACE
 
 STATS_PERIOD_S = 1.0
-PLACED_KEPT_S = 60.0  # placements older than any report in flight are forgotten
-IN_FLIGHT_S = 0.5  # a session placed this long before a replica's report may not be in it yet
+IN_FLIGHT_S = 0.5  # a session made this long before a replica's report may not be in it yet
+PLACED_KEPT_S = 60.0  # placements done longer ago than any report in flight are forgotten
+
+Placements = dict[ReplicaID, dict[str, float | None]]  # replica -> {request id: when it completed, None: not yet}
 
 
-def placement_order(replicas: list[RunningReplica], placed: dict[ReplicaID, list[float]]) -> list[RunningReplica]:
+def placement_order(replicas: list[RunningReplica], placed: Placements) -> list[RunningReplica]:
     """`replicas` best first for a new session: ready and not draining before the rest, then by free
-    sessions (less those placed on it since its report: `placed[id]`, the times they were placed), then
-    by free frames/s."""
+    sessions (less the sessions placed on it that its report may not count yet: still being made, or
+    made less than IN_FLIGHT_S before it), then by free frames/s."""
     def rank(replica: RunningReplica) -> tuple:
         stats = replica.routing_stats or {}
         usable = bool(stats.get("ready")) and not stats.get("draining")
         since = stats.get("at", 0.0) - IN_FLIGHT_S
-        free = stats.get("free_sessions", 0) - sum(1 for at in placed.get(replica.replica_id, ()) if at > since)
-        return (not usable, -free, -stats.get("free_fps", 0.0))
+        pending = sum(1 for done in placed.get(replica.replica_id, {}).values() if done is None or done > since)
+        return (not usable, -(stats.get("free_sessions", 0) - pending), -stats.get("free_fps", 0.0))
 
     return sorted(replicas, key=rank)
 
@@ -47,7 +50,7 @@ class SessionRouter(ConsistentHashRouter):
 
     def initialize_state(self, **kwargs) -> None:
         super().initialize_state(**kwargs)
-        self._placed: dict[ReplicaID, list[float]] = defaultdict(list)  # when this router placed sessions
+        self._placed: Placements = defaultdict(dict)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -67,4 +70,12 @@ class SessionRouter(ConsistentHashRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         if pending_request.metadata.session_id == PLACE:
             now = time.time()
-            self._placed[replica_id] = [at for at in self._placed[replica_id] if now - at < PLACED_KEPT_S] + [now]
+            placed = self._placed[replica_id]
+            for request_id in [r for r, done in placed.items() if done is not None and now - done > PLACED_KEPT_S]:
+                del placed[request_id]
+            placed[pending_request.metadata.internal_request_id] = None
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        placed = self._placed.get(replica_id)
+        if placed is not None and internal_request_id in placed:
+            placed[internal_request_id] = time.time()

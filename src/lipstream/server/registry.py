@@ -29,7 +29,8 @@ class OpenSession:
     None. closed: set once the session is closed; viewers stop on it. on_close: what closing must undo
     (a viewer's peer connection, the session's share of the capacity), run once when it closes.
     changing: held while its avatar is being changed (changes apply in order). instance: the name of
-    the server that holds it (setting instance; "" for none)."""
+    the server that holds it (setting instance; "" for none); public_url: where clients reach that server
+    directly (setting public_url; "" for the address they used)."""
 
     session: Session
     key: str
@@ -45,6 +46,7 @@ class OpenSession:
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     changing: asyncio.Lock = field(default_factory=asyncio.Lock)
     instance: str = ""
+    public_url: str = ""
 
     @property
     def id(self) -> str:

@@ -186,10 +186,14 @@ class SessionRequest(BaseModel):
 
 
 def describe_session(entry: OpenSession) -> dict:
+    """A session as the API gives it. "ws" and "offer": where its viewer connects, paths on the server's
+    address, or absolute URLs on the server's own (setting public_url)."""
+    base = entry.public_url.rstrip("/")
+    ws_base = base.replace("http", "ws", 1) if base else ""
     return {"id": entry.id, "avatar": entry.avatar, "engine": entry.engine, "fps": entry.fps,
             "width": entry.size[1], "height": entry.size[0], "sample_rate": SAMPLE_RATE, "viewer": entry.viewer,
             "instance": entry.instance or None,
-            "ws": f"/api/sessions/{entry.id}/ws", "offer": f"/api/sessions/{entry.id}/offer"}
+            "ws": f"{ws_base}/api/sessions/{entry.id}/ws", "offer": f"{base}/api/sessions/{entry.id}/offer"}
 
 
 @router.post("/api/sessions", status_code=201)
@@ -222,7 +226,7 @@ async def open_session(body: SessionRequest, request: Request, caller: Caller) -
                           max_queue_s=settings.max_queued_audio_s, auto_end_ms=settings.auto_end_ms or None,
                           session_id=scoped_id(settings.instance, uuid.uuid4().hex))
         entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps, size, height,
-                            instance=settings.instance)
+                            instance=settings.instance, public_url=settings.public_url)
 
         async def release() -> None:
             state.capacity.release(ticket)
