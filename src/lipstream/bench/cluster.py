@@ -1,7 +1,9 @@
 """`lipstream bench cluster`: what the cluster adds, per frame and per session set-up, over one server.
 
-The same server settings run twice in one benchmark: as `lipstream serve` (the baseline), then as a
-one-replica `lipstream cluster` on a local Ray (the frames go replica -> Ray Serve's proxy -> client).
+The same server settings run three times in one benchmark: as `lipstream serve` (the baseline), then
+as a one-replica `lipstream cluster` on a local Ray, its WebSocket frames through Ray Serve's proxy
+(`--frames proxy`: replica -> proxy -> client), then straight from the replica's port (`--frames
+direct`; the REST calls still go through the proxy).
 Through each, with the bench avatar and the warp engine by default:
 - set-up: `--setups` times one after the other, POST /api/sessions, the WebSocket's hello, the first
   frame (ms, medians);
@@ -54,26 +56,29 @@ def run(args: argparse.Namespace) -> int:
         started: dict = {}
         with served(flags, Path(folder) / "server.log", lambda p: started.update(pid=p.pid)) as (url, key):
             direct = asyncio.run(_measure(url, key, {"server": [started["pid"]]}, args))
-        clustered, device = _measure_cluster(flags, args)
-    rows = [{"path": "lipstream serve", **direct}, {"path": "lipstream cluster (1 replica, Ray Serve proxy)",
-                                                    **clustered}]
-    added = {name: round(clustered[name] - direct.get(name, 0.0), 3) for name in clustered if "_ms" in name}
+        rows = [{"path": "lipstream serve", **direct}]
+        for frames in ("proxy", "direct"):
+            clustered, device = _measure_cluster(flags, frames, args)
+            rows.append({"path": f"lipstream cluster, 1 replica, frames {frames}", **clustered})
+    added = [{"path": f"added by the cluster, frames {row['path'].rsplit(' ', 1)[1]}",
+              **{name: round(row[name] - direct.get(name, 0.0), 3) for name in row if "_ms" in name}}
+             for row in rows[1:]]
     headers = ["path", "create ms", "hello ms", "first frame ms", "set-up ms", "ping ms", "ping p90 ms",
-               "server CPU ms/frame", "proxy CPU ms/frame", "fps/session"]
+               "server CPU ms/frame", "proxy CPU ms/frame", "fps/session", "KiB/frame"]
     names = ["create_ms", "hello_ms", "first_frame_ms", "setup_ms", "ping_ms", "ping_p90_ms", "server_cpu_ms_per_frame",
-             "proxy_cpu_ms_per_frame", "fps_per_session"]
-    print(format_table(headers, [[row["path"], *[row.get(n) for n in names]] for row in rows]))
-    print("the cluster adds: " + ", ".join(f"{name} {value:+.2f}" for name, value in added.items()))
+             "proxy_cpu_ms_per_frame", "fps_per_session", "frame_kib"]
+    print(format_table(headers, [[row["path"], *[row.get(n) for n in names]] for row in rows + added]))
     settings = {key: getattr(args, key) for key in ("size", "output_height", "engine", "sessions", "seconds", "setups",
                                                     "pings", "cpus_per_replica")}
-    path = write_results("cluster", "cpu", {**settings, "device": device}, [*rows, {"path": "added", **added}],
+    path = write_results("cluster", "cpu", {**settings, "device": device}, rows + added,
                          Path(args.out_dir) if args.out_dir else None)
     print(f"wrote {path}")
     return 0
 
 
-def _measure_cluster(flags: dict, args: argparse.Namespace) -> tuple[dict, str]:
-    """The measures through a one-replica cluster on a local Ray, and the replica's device."""
+def _measure_cluster(flags: dict, frames: str, args: argparse.Namespace) -> tuple[dict, str]:
+    """The measures through a one-replica cluster on a local Ray (its frames by the path `frames`), and
+    the replica's device."""
     import secrets
 
     from lipstream.bench.serve import free_port
@@ -84,7 +89,7 @@ def _measure_cluster(flags: dict, args: argparse.Namespace) -> tuple[dict, str]:
     settings = load_settings({**flags, "host": "127.0.0.1", "port": free_port(), "api_keys": {key: ""},
                               "metrics_key": key}, environ={})
     cluster = launch.start(settings, launch.ClusterOptions(replicas=1, cpus_per_replica=args.cpus_per_replica,
-                                                           proxy_location="HeadOnly"))
+                                                           proxy_location="HeadOnly", frames=frames))
     try:
         ready = json.loads(_get(f"{cluster.url}/ready", key))
         replica = ready["replicas"][0]
@@ -133,12 +138,12 @@ async def _measure(url: str, key: str, pids: dict[str, list[int]], args: argpars
         avatar = (await client.avatars())[0]["name"]
         setups = [await _setup(client, avatar) for _ in range(args.setups)]
         rtts = await _round_trips(client, avatar, args.pings)
-        cpu_ms, fps = await _stream(client, avatar, pids, args.sessions, args.seconds)
+        cpu_ms, fps, frame_kib = await _stream(client, avatar, pids, args.sessions, args.seconds)
     median = {name: round(statistics.median(s[name] for s in setups), 2) for name in setups[0]}
     return {**median, "ping_ms": round(statistics.median(rtts), 3),
             "ping_p90_ms": round(statistics.quantiles(rtts, n=10)[-1], 3),
             **{f"{what}_cpu_ms_per_frame": round(ms, 3) for what, ms in cpu_ms.items()},
-            "fps_per_session": round(fps, 2)}
+            "fps_per_session": round(fps, 2), "frame_kib": round(frame_kib, 1)}
 
 
 async def _setup(client, avatar: str) -> dict:
@@ -158,8 +163,10 @@ async def _round_trips(client, avatar: str, count: int) -> list[float]:
     """Milliseconds of `count` pings answered over one session's WebSocket (frames keep flowing)."""
     from websockets.asyncio.client import connect
 
+    from lipstream.client import websocket_url
+
     info = await client.create_session(avatar)
-    ws_url = "ws" + client.url.removeprefix("http") + info["ws"]
+    ws_url = websocket_url(client.url, info)
     try:
         async with connect(ws_url, additional_headers={"X-API-Key": client.api_key}, max_size=None) as ws:
             await ws.recv()  # hello
@@ -179,18 +186,19 @@ async def _round_trips(client, avatar: str, count: int) -> list[float]:
 
 
 async def _stream(client, avatar: str, pids: dict[str, list[int]], sessions: int, seconds: float
-                  ) -> tuple[dict[str, float], float]:
-    """({what: CPU ms of its processes (`pids`) per frame delivered}, frames/s per session) of `sessions`
-    sessions read for `seconds`."""
+                  ) -> tuple[dict[str, float], float, float]:
+    """({what: CPU ms of its processes (`pids`) per frame delivered}, frames/s per session, KiB a frame
+    message carries: JPEG and audio) of `sessions` sessions read for `seconds`."""
     opened = [await client.open_session(avatar) for _ in range(sessions)]
-    counts = [0] * sessions
+    counts, sizes = [0] * sessions, [0] * sessions
     for session in opened:
         await anext(session.frames(color=None))
     cpu_before, began = {what: _cpu_s(ids) for what, ids in pids.items()}, time.perf_counter()
 
     async def read(i: int) -> None:
-        async for _ in opened[i].frames(color=None):
+        async for frame in opened[i].frames(color=None):
             counts[i] += 1
+            sizes[i] += len(frame.jpeg) + 2 * frame.audio.size
             if time.perf_counter() - began >= seconds:
                 return
 
@@ -199,4 +207,4 @@ async def _stream(client, avatar: str, pids: dict[str, list[int]], sessions: int
     cpu_ms = {what: 1e3 * (_cpu_s(ids) - cpu_before[what]) / max(1, sum(counts)) for what, ids in pids.items()}
     for session in opened:
         await session.aclose()
-    return cpu_ms, sum(counts) / sessions / elapsed
+    return cpu_ms, sum(counts) / sessions / elapsed, sum(sizes) / max(1, sum(counts)) / 1024
