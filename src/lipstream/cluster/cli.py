@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     cluster = launch.start(settings, options)
     try:
         kind = f"{cluster.gpus_per_replica:g} GPU each" if cluster.gpus_per_replica else "CPU, warp engine"
-        print(f"lipstream: {cluster.replicas} replicas ({kind}) ready", flush=True)
+        print(f"lipstream: {cluster.replicas} replica{'s' if cluster.replicas != 1 else ''} ({kind}) ready",
+              flush=True)
         if cluster.key:
             print("lipstream: no API keys configured (setting api_keys); made one for this run", flush=True)
         print(f"lipstream: open {cluster.url}/" + (f"?key={cluster.key}" if cluster.key else ""), flush=True)

@@ -62,12 +62,21 @@ class RunningCluster:
 
 
 def start(settings: Settings, options: ClusterOptions) -> RunningCluster:
-    """Start the cluster and wait until a replica is ready. Raises ClusterSetupError."""
+    """Start the cluster and wait until its replicas are ready. Raises ClusterSetupError (and leaves
+    nothing running)."""
     local = options.address is None
     if local:  # the proxies of a Ray started here inherit this process's environment
         os.environ[proxy.CALLBACK_ENV] = proxy.CALLBACK
     ray.init(address=options.address, num_cpus=options.num_cpus if local else None, include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
+    try:
+        return _deploy(settings, options, local)
+    except BaseException:
+        _shut_down(local)
+        raise
+
+
+def _deploy(settings: Settings, options: ClusterOptions, local: bool) -> RunningCluster:
     gpus = ray.cluster_resources().get("GPU", 0.0)
     gpus_per_replica = options.gpus_per_replica if options.gpus_per_replica is not None else (1.0 if gpus else 0.0)
     if not gpus_per_replica and settings.engine == "auto":
@@ -82,7 +91,11 @@ def start(settings: Settings, options: ClusterOptions) -> RunningCluster:
         replicas = min(max(replicas, low), high)
     serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location=options.proxy_location)
     directory()
-    serve.run(_deployment(settings, options, gpus_per_replica, replicas), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(_deployment(settings, options, gpus_per_replica, replicas), name=APP_NAME, route_prefix="/")
+    except RuntimeError as exc:  # Serve's "Deploying application ... failed": a replica could not start
+        raise ClusterSetupError(f"the replicas could not start ({exc}); the replicas' logs in Ray's session "
+                                "folder (logs/serve) say why, e.g. an engine that cannot load") from exc
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     _wait_ready(f"http://{host}:{settings.port}", key or next(iter(settings.api_keys)), replicas,
                 options.ready_timeout_s)
@@ -144,9 +157,13 @@ def _wait_ready(url: str, key: str, replicas: int, timeout_s: float) -> None:
 
 def stop(cluster: RunningCluster) -> None:
     """Stop the replicas (draining ones close their sessions now) and Serve; a local Ray too."""
+    _shut_down(cluster.local)
+
+
+def _shut_down(local: bool) -> None:
     try:
         ray.get(directory().stop.remote(), timeout=10)
         serve.shutdown()
     finally:
-        if cluster.local:
+        if local:
             ray.shutdown()
