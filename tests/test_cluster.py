@@ -25,6 +25,7 @@ from aiortc import RTCPeerConnection
 from lipstream.bench.serve import free_port
 from lipstream.client import LipstreamClient
 from lipstream.cluster import launch, proxy
+from lipstream.cluster.router import STATS_PERIOD_S
 from lipstream.errors import OverloadedError, SessionClosedError
 from server_helpers import server_settings, store_avatar
 
@@ -49,6 +50,17 @@ def cluster(tmp_path_factory):
 
 async def ready_replicas(client: LipstreamClient) -> dict[str, dict]:
     return {r["name"]: r for r in (await client.ready())["replicas"] if r["ready"]}
+
+
+async def settled(client: LipstreamClient) -> dict:
+    """/ready once every replica reports no session, and the router has had its next reports: placement
+    follows reports a second or two old, and a test that places sessions starts from an idle cluster."""
+    deadline = time.monotonic() + 20
+    while (ready := await client.ready())["capacity"]["sessions"]:
+        assert time.monotonic() < deadline, ready
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(3 * STATS_PERIOD_S)
+    return ready
 
 
 def through_proxy(info: dict) -> dict:
@@ -117,10 +129,7 @@ async def test_sessions_spread_over_the_replicas_and_every_request_reaches_its_o
 
 async def test_ready_and_metrics_cover_every_replica(cluster):
     async with LipstreamClient(cluster.url, "k-default") as client:
-        deadline = time.monotonic() + 10
-        while (ready := await client.ready())["capacity"]["sessions"]:  # the replicas report each second
-            assert time.monotonic() < deadline, ready
-            await asyncio.sleep(0.2)
+        ready = await settled(client)
         names = set(await ready_replicas(client))
         assert ready["ready"] and len(names) == 2
         assert ready["capacity"]["free_sessions"] == 2 * PER_REPLICA
@@ -134,6 +143,8 @@ async def test_ready_and_metrics_cover_every_replica(cluster):
 
 async def test_an_avatar_prepared_through_one_replica_is_shown_by_every_replica(cluster, astronaut_bgr):
     photo = cv2.imencode(".png", astronaut_bgr)[1].tobytes()
+    async with LipstreamClient(cluster.url, "k-default") as client:
+        await settled(client)
     async with httpx.AsyncClient(base_url=cluster.url, headers=KEY, timeout=30) as http:
         reply = await http.post("/api/avatars", data={"name": "prepared"}, files={"file": ("face.png", photo)})
         assert reply.status_code == 202, reply.text
@@ -163,6 +174,7 @@ async def test_a_replica_killed_mid_session(cluster):
     the one connected straight to it with a lost connection; the other replica's session keeps 25 fps;
     new sessions go to the survivor; Ray starts a replica in its place."""
     async with LipstreamClient(cluster.url, "k-default") as client:
+        await settled(client)
         replicas = await ready_replicas(client)
         infos = [await client.create_session("astronaut") for _ in range(3)]  # 2 on one replica, 1 on the other
         held = {name: [info for info in infos if info["instance"] == name] for name in replicas}

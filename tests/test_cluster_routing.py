@@ -103,6 +103,8 @@ def test_placement_counts_the_sessions_placed_that_a_replica_s_report_cannot_cou
     for pending in (None, 99.8, 100.2):  # being made; made just before the report, or after it
         assert placement_order([a, b], {a.replica_id: {"r1": pending}})[0] is b
     assert placement_order([a, b], {a.replica_id: {"r1": 98.0}})[0] is a, "made well before: counted already"
+    full = replica("full", free_sessions=0, free_fps=90.0)  # a tie of free sessions: the one placed on least
+    assert placement_order([full, b], {b.replica_id: {"r1": None, "r2": None}})[0] is full
 
 
 def test_every_replica_s_metrics_in_one_exposition():

@@ -31,18 +31,23 @@ def test_instance_names_are_checked_and_start_every_id():
     for bad in ("Upper", "has.dot", "-dash-first", "x" * 33):
         with pytest.raises(SettingsError, match="instance"):
             load_settings({"instance": bad}, environ={})
+    for bad in ("10.0.0.5:2160", "http://host:2160/path", "ftp://host"):
+        with pytest.raises(SettingsError, match="public_url"):
+            load_settings({"public_url": bad}, environ={})
 
 
 def test_a_named_server_names_itself_in_its_sessions_jobs_and_readiness(root, astronaut_bgr):
     import cv2
 
-    client = start(create_app(server_settings(root, instance="node-a"), engine=WarpEngine()))
+    client = start(create_app(server_settings(root, instance="node-a", public_url="http://10.1.2.3:2160/"),
+                              engine=WarpEngine()))
     try:
         assert client.get("/ready", headers=KEY).json()["instance"] == "node-a"
         reply = client.post("/api/sessions", json={"avatar": "astronaut"}, headers=KEY)
         info = reply.json()
         assert reply.status_code == 201 and info["instance"] == "node-a" and info["id"].startswith("node-a.")
-        assert info["ws"] == f"/api/sessions/{info['id']}/ws"
+        assert info["ws"] == f"ws://10.1.2.3:2160/api/sessions/{info['id']}/ws"  # the server's own address
+        assert info["offer"] == f"http://10.1.2.3:2160/api/sessions/{info['id']}/offer"
         assert client.get(f"/api/sessions/{info['id']}/stats", headers=KEY).json()["instance"] == "node-a"
         photo = cv2.imencode(".png", astronaut_bgr)[1].tobytes()
         job = client.post("/api/avatars", data={"name": "named"}, files={"file": ("f.png", photo)}, headers=KEY)

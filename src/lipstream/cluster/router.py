@@ -30,13 +30,14 @@ Placements = dict[ReplicaID, dict[str, float | None]]  # replica -> {request id:
 def placement_order(replicas: list[RunningReplica], placed: Placements) -> list[RunningReplica]:
     """`replicas` best first for a new session: ready and not draining before the rest, then by free
     sessions (less the sessions placed on it that its report may not count yet: still being made, or
-    made less than IN_FLIGHT_S before it), then by free frames/s."""
+    made less than IN_FLIGHT_S before it), then by fewest such sessions (reports lag: spread the ties),
+    then by free frames/s."""
     def rank(replica: RunningReplica) -> tuple:
         stats = replica.routing_stats or {}
         usable = bool(stats.get("ready")) and not stats.get("draining")
         since = stats.get("at", 0.0) - IN_FLIGHT_S
         pending = sum(1 for done in placed.get(replica.replica_id, {}).values() if done is None or done > since)
-        return (not usable, -(stats.get("free_sessions", 0) - pending), -stats.get("free_fps", 0.0))
+        return (not usable, -(stats.get("free_sessions", 0) - pending), pending, -stats.get("free_fps", 0.0))
 
     return sorted(replicas, key=rank)
 

@@ -64,10 +64,9 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request, caller: CallerDep) -> JSONResponse:
-    """200 once the engine is loaded and timed, else 503 with what is missing (or while it drains); with the
-    server's name
-    (setting instance), the free capacity (frames/s and sessions at 720p and the default frame rate) and
-    how many avatars are in memory."""
+    """200 once the engine is loaded and timed, else 503 with what is missing (or while it drains); with
+    the server's name (setting instance), the free capacity (frames/s and sessions at 720p and the default
+    frame rate) and how many avatars are in memory."""
     state = _state(request)
     if state.startup_error is not None:
         return JSONResponse({"ready": False, "error": state.startup_error}, status_code=503)
