@@ -88,7 +88,8 @@ def start(app) -> TestClient:
 
 class LiveServer:
     """A uvicorn server for `app` on a free port, on a thread with its own event loop, configured as
-    `lipstream serve` configures it (`uvicorn_config`). log_level: uvicorn's."""
+    `lipstream serve` configures it (`uvicorn_config`). log_level: uvicorn's. loop: the event loop it
+    runs on (once started)."""
 
     def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning"):
         self.app = app
@@ -96,7 +97,12 @@ class LiveServer:
         self.url = f"http://{host}:{self.port}"
         self.server = uvicorn.Server(uvicorn_config(app, app.state.settings, host=host, port=self.port,
                                                     log_level=log_level, timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve()
 
     def __enter__(self) -> Self:
         self.thread.start()

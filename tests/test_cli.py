@@ -14,7 +14,7 @@ import cv2
 from lipstream.synthetic import astronaut_bgr
 
 LIPSTREAM = str(Path(sys.executable).parent / "lipstream")
-HEAVY = ("torch", "mediapipe", "fastapi", "uvicorn", "aiortc", "transformers", "diffusers", "cv2", "av")
+HEAVY = ("torch", "mediapipe", "fastapi", "uvicorn", "aiortc", "transformers", "diffusers", "cv2", "av", "ray")
 
 
 def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -28,7 +28,8 @@ def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]
 def test_help_version_and_argument_errors_import_no_heavy_library():
     for argv, status in ((["--help"], 0), (["--version"], 0), (["render", "x"], 2), (["bench", "--help"], 0),
                          (["bench", "postprocess", "--reps", "x"], 2), (["serve", "--help"], 0),
-                         (["avatars", "prepare", "--help"], 0)):
+                         (["avatars", "prepare", "--help"], 0), (["cluster", "--help"], 0),
+                         (["cluster", "--replicas", "x"], 2)):
         done, modules = imported_modules(*argv)
         assert done.returncode == status, (argv, done.stdout, done.stderr[-2000:])
         assert modules, "importtime reported the imports"

@@ -12,12 +12,13 @@ import sys
 from lipstream import __version__, demo, logs
 from lipstream.avatar import cli as avatars_cli
 from lipstream.bench import cli as bench_cli
+from lipstream.cluster import cli as cluster_cli
 from lipstream.errors import LipstreamError
 from lipstream.models import cli as models_cli
 from lipstream.server import serve as serve_cli
 from lipstream.stream import render_cli
 
-COMMAND_GROUPS = [avatars_cli, bench_cli, models_cli, render_cli, serve_cli, demo]
+COMMAND_GROUPS = [avatars_cli, bench_cli, cluster_cli, models_cli, render_cli, serve_cli, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

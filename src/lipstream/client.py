@@ -87,6 +87,13 @@ def decode_jpeg(jpeg: bytes, color: Color = "rgb") -> np.ndarray:
     return image
 
 
+def websocket_url(server_url: str, info: dict) -> str:
+    """The WebSocket URL of a session (`info`: the server's session reply) made through `server_url`: the
+    reply's "ws" as it is when it is a URL (the server that holds the session named its own), else that
+    path on the server (http -> ws, https -> wss)."""
+    return info["ws"] if "://" in info["ws"] else "ws" + server_url.removeprefix("http") + info["ws"]
+
+
 def error_from_reply(reply: httpx.Response) -> LipstreamError:
     """The LipstreamError an error reply of the server stands for: its own class by name when it names
     one, ApiKeyError for 401/403, BadRequestError for 422, ServerReplyError otherwise."""
@@ -204,9 +211,10 @@ class LipstreamClient:
             raise
 
     async def connect(self, info: dict) -> RemoteSession:
-        """Connect the WebSocket of a session made by `create_session` (its reply); waits for the
-        server's hello. Raises ServerUnreachableError, ApiKeyError, SessionNotFoundError, SessionBusyError."""
-        ws_url = "ws" + self.url.removeprefix("http") + info["ws"]  # http -> ws, https -> wss
+        """Connect the WebSocket of a session made by `create_session` (its reply: "ws", a path on this
+        server, or the URL of the server that holds the session); waits for the server's hello. Raises
+        ServerUnreachableError, ApiKeyError, SessionNotFoundError, SessionBusyError."""
+        ws_url = websocket_url(self.url, info)
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
         try:
             ws = await connect(ws_url, additional_headers=headers, max_size=None, open_timeout=self.timeout_s)
@@ -214,7 +222,7 @@ class LipstreamClient:
             raise ServerReplyError(f"{ws_url}: the server refused the WebSocket (HTTP "
                                    f"{exc.response.status_code}); is it a lipstream server?") from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ServerUnreachableError(f"cannot open the WebSocket of session {info['id']} at {self.url} "
+            raise ServerUnreachableError(f"cannot open the WebSocket of session {info['id']} at {ws_url} "
                                          f"({type(exc).__name__}: {exc})") from exc
         session = RemoteSession(self, ws, info)
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ ENV_PREFIX = "LIPSTREAM_"
 CONFIG_ENV = "LIPSTREAM_CONFIG"
 
 
+INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 MIN_OUTPUT_HEIGHT = 16  # smallest streamed frame height (video encoders need a few macroblocks)
 
 
@@ -36,6 +38,14 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("0.0.0.0", description="address the server listens on")
+    instance: str = Field("", description="this server's name among several behind one address (a `lipstream "
+                                          "cluster` replica, or an upstream of a proxy): session and job ids "
+                                          "start with `<instance>.`, so the proxy can route by the id; "
+                                          "lower-case letters, digits and dashes; empty: plain ids")
+    public_url: str = Field("", description="where clients reach this server directly (e.g. http://10.0.0.5:2160) "
+                                            "when a proxy is in front: session replies give their WebSocket and "
+                                            "WebRTC offer URLs on it, so the frames skip the proxy; empty: paths "
+                                            "on the address the client used")
     port: int = Field(2160, ge=1, le=65535, description="TCP port of the server")
     device: str = Field("auto", description='compute device: "auto" (CUDA if present, else CPU), "cpu", "cuda", '
                                             '"cuda:1"')
@@ -76,6 +86,9 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(256 << 20, ge=1, description="largest request body (avatar videos, audio "
                                                                 "files); larger is refused with 413")
     max_sessions_per_key: int = Field(8, ge=1, description="open sessions per API key; more is refused with 429")
+    max_sessions: int = Field(0, ge=0, description="most sessions the server holds at once, whatever its measured "
+                                                   "capacity (more is refused with 503 and Retry-After, also "
+                                                   "without admission_control); 0: no such cap")
     max_audio_seconds: float = Field(600.0, gt=0, description="longest audio accepted in one request (file or "
                                                               "PCM body)")
     max_queued_audio_s: float = Field(30.0, gt=0, description="most speech a session holds unplayed; pushing "
@@ -131,6 +144,21 @@ class Settings(BaseModel):
     def _usable_height(cls, value: int) -> int:
         return check_output_height(value)
 
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError("public_url must be http(s)://host:port, without a path (or empty)")
+        return value.rstrip("/")
+
+    @field_validator("instance")
+    @classmethod
+    def _routable_instance(cls, value: str) -> str:
+        if value and not INSTANCE_NAME.fullmatch(value):
+            raise ValueError("instance must be 1-32 lower-case letters, digits and dashes (it starts every "
+                             "session id, and so every session URL)")
+        return value
+
     @field_validator("api_keys")
     @classmethod
     def _keys_and_tenants_valid(cls, value: dict[str, str]) -> dict[str, str]:
@@ -140,6 +168,18 @@ class Settings(BaseModel):
             return {key.strip(): clean_tenant(tenant) for key, tenant in value.items()}
         except AvatarNameError as exc:
             raise ValueError(str(exc)) from exc
+
+
+def scoped_id(instance: str, token: str) -> str:
+    """The id of a session or job `token` made by the server named `instance` (setting instance):
+    `<instance>.<token>`, or `token` alone for a server without a name."""
+    return f"{instance}.{token}" if instance else token
+
+
+def instance_of(identifier: str) -> str | None:
+    """The instance a `scoped_id` names, or None (a plain id, or not one of these ids)."""
+    instance, dot, _ = identifier.partition(".")
+    return instance if dot and INSTANCE_NAME.fullmatch(instance) else None
 
 
 def check_output_height(value: int) -> int:

@@ -218,3 +218,15 @@ class QueueFullError(StreamError):
 
 class SessionClosedError(StreamError):
     """The session was closed; open a new one."""
+
+
+class ClusterError(LipstreamError):
+    """Base class of the errors of `lipstream cluster` (lipstream on Ray)."""
+
+
+class ClusterUnavailableError(ClusterError):
+    """`lipstream cluster` needs Ray Serve: lipstream was installed without the `cluster` extra."""
+
+
+class ClusterSetupError(ClusterError):
+    """The Ray cluster cannot run lipstream as it is (no proxy middleware, no replica ready in time)."""

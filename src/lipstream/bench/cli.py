@@ -17,6 +17,7 @@ BENCHMARKS = {
     "pipecat": ("pipecat_latency", "Pipecat pipeline: TTS audio in -> first speaking image out, in-process and remote"),
     "soak": ("soak", "N sessions speaking for T minutes through the server: A/V offset, drops, RSS/threads/fds over time"),
     "overload": ("overload", "sessions offered at a multiple of the server's capacity: drops of the admitted, refusals"),
+    "cluster": ("cluster", "what lipstream cluster (Ray Serve) adds over one server: per frame and per session set-up"),
 }
 
 

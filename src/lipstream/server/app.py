@@ -76,7 +76,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     state.settings = settings
     state.keys = keys or ApiKeys(settings.api_keys)
     state.capacity = Capacity(target=settings.capacity_target, max_batch=settings.max_batch, fps=settings.fps,
-                              output_height=settings.output_height)
+                              output_height=settings.output_height, max_sessions=settings.max_sessions or None)
     state.engines = EngineHub(settings, engine, engine_reason, capacity=state.capacity,
                               encode_probe=lambda frame: frame_jpeg(
                                   frame, settings.output_height, settings.jpeg_quality, settings.jpeg_encoder))
@@ -86,9 +86,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
                                   in_use=state.sessions.avatars_shown, sharpen=settings.sharpen)
     state.jobs = AvatarJobs(settings.avatars_root, settings.models_root,
                             None if settings.device == "auto" else settings.device,
-                            max_per_tenant=settings.max_jobs_per_tenant, behind=state.capacity.behind)
+                            max_per_tenant=settings.max_jobs_per_tenant, behind=state.capacity.behind,
+                            instance=settings.instance)
     state.ready = asyncio.Event()
     state.startup_error = None
+    state.draining = False  # set: no new sessions (503), /ready answers 503; the open ones go on
 
     http_errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, read_timeout_s=settings.body_timeout_s)
@@ -122,6 +124,19 @@ def _add_api_docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc(caller: CallerDep) -> HTMLResponse:
         return get_redoc_html(openapi_url=f"/openapi.json?key={quote(caller.key)}", title="lipstream API")
+
+
+async def drain(app: FastAPI, timeout_s: float, poll_s: float = 0.5) -> int:
+    """Take no new sessions (they are refused with 503, /ready answers 503) and wait until the open ones
+    have ended, for at most `timeout_s`; returns how many are still open. The sessions are not touched:
+    their viewers end them."""
+    state = app.state
+    state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while len(state.sessions) and loop.time() < deadline:
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - loop.time())))
+    return len(state.sessions)
 
 
 async def _load(app: FastAPI) -> None:

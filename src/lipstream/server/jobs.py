@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lipstream.avatar.layout import avatar_dir, clean_name
 from lipstream.avatar.prepare import STAGES, prepare_avatar
+from lipstream.config import scoped_id
 from lipstream.errors import (
     AvatarExistsError,
     JobCancelledError,
@@ -127,16 +128,18 @@ def lower_thread_priority(nice: int = PREPARE_NICE) -> None:
 class AvatarJobs:
     """root/models_root/device: where avatars go, where the VAE is (for MuseTalk latents), and where
     it runs. max_per_tenant: jobs a tenant may have queued or running. behind(): whether live sessions
-    are behind now (a running job pauses between frames while they are). A new avatar is usable at
-    once: the server loads avatars on first use, and reloads one whose folder was replaced."""
+    are behind now (a running job pauses between frames while they are). instance: the server's name
+    (setting instance), which starts every job id. A new avatar is usable at once: the server loads
+    avatars on first use, and reloads one whose folder was replaced."""
 
     def __init__(self, root: Path, models_root: Path, device: str | None, *, max_per_tenant: int = 4,
-                 behind: Callable[[], bool] = lambda: False):
+                 behind: Callable[[], bool] = lambda: False, instance: str = ""):
         self.root = root
         self.models_root = models_root
         self.device = device
         self.max_per_tenant = max_per_tenant
         self._behind = behind
+        self.instance = instance
         self._jobs: dict[str, Job] = {}
         self._queues: dict[str, deque[_Queued]] = {}  # tenant -> its queued jobs, oldest first
         self._served: dict[str, int] = {}  # tenant -> when it last had a job started (a count)
@@ -184,7 +187,7 @@ class AvatarJobs:
             if self._stopping:
                 raise JobCancelledError("the server is shutting down; upload the file again once it is back")
             name = self._check(tenant, name, overwrite)
-            job = Job(uuid.uuid4().hex[:16], tenant, name, kind)
+            job = Job(scoped_id(self.instance, uuid.uuid4().hex[:16]), tenant, name, kind)
             self._prune()
             self._jobs[job.id] = job
             self._pending.add((tenant, name))

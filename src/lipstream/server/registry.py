@@ -28,7 +28,9 @@ class OpenSession:
     frames; output_height: what they are scaled to (0: not scaled). viewer: "websocket", "webrtc" or
     None. closed: set once the session is closed; viewers stop on it. on_close: what closing must undo
     (a viewer's peer connection, the session's share of the capacity), run once when it closes.
-    changing: held while its avatar is being changed (changes apply in order)."""
+    changing: held while its avatar is being changed (changes apply in order). instance: the name of
+    the server that holds it (setting instance; "" for none); public_url: where clients reach that server
+    directly (setting public_url; "" for the address they used)."""
 
     session: Session
     key: str
@@ -43,6 +45,8 @@ class OpenSession:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     changing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    instance: str = ""
+    public_url: str = ""
 
     @property
     def id(self) -> str:
@@ -56,6 +60,9 @@ class SessionRegistry:
         self.max_per_key = max_per_key
         self.detached_timeout_s = detached_timeout_s
         self._open: dict[str, OpenSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
 
     def check_room(self, key: str) -> None:
         """SessionLimitError when `key` may not open another session."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,13 +18,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from lipstream.audio.load import SAMPLE_RATE, decode_pcm16, load_audio
-from lipstream.config import Settings, check_output_height
+from lipstream.config import Settings, check_output_height, scoped_id
 from lipstream.engines import ENGINE_NAMES
-from lipstream.errors import AudioTooLongError, BadRequestError, NotReadyError, OutputTooLargeError
+from lipstream.errors import (
+    AudioTooLongError,
+    BadRequestError,
+    NotReadyError,
+    OutputTooLargeError,
+    OverloadedError,
+)
 from lipstream.media.encoding import output_size
 from lipstream.server.auth import Caller, CallerDep, require_metrics_key
 from lipstream.server.registry import OpenSession
-from lipstream.stream.capacity import Demand
+from lipstream.stream.capacity import RETRY_AFTER_S, Demand
 from lipstream.stream.session import Session
 
 router = APIRouter()
@@ -57,16 +64,20 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request, caller: CallerDep) -> JSONResponse:
-    """200 once the engine is loaded and timed, else 503 with what is missing; with the free capacity
-    (frames/s and sessions at 720p and the default frame rate) and how many avatars are in memory."""
+    """200 once the engine is loaded and timed, else 503 with what is missing (or while it drains); with
+    the server's name (setting instance), the free capacity (frames/s and sessions at 720p and the default
+    frame rate) and how many avatars are in memory."""
     state = _state(request)
     if state.startup_error is not None:
         return JSONResponse({"ready": False, "error": state.startup_error}, status_code=503)
     if not state.ready.is_set():
         return JSONResponse({"ready": False, "loading": "engine"}, status_code=503)
+    if state.draining:
+        return JSONResponse({"ready": False, "draining": True, "sessions": len(state.sessions)}, status_code=503)
     slot = state.engines.default
     capacity = state.capacity.report()
-    return JSONResponse({"ready": True, "engine": slot.engine.name, "reason": slot.reason,
+    return JSONResponse({"ready": True, "instance": state.settings.instance or None, "engine": slot.engine.name,
+                         "reason": slot.reason,
                          "device": str(slot.engine.device), "avatars_loaded": state.avatars.loaded,
                          "capacity": {key: capacity[key] for key in ("free_fps", "free_sessions", "sessions")}})
 
@@ -89,14 +100,20 @@ async def metrics(request: Request) -> Response:
 @router.get("/api/stats")
 async def tenant_stats(request: Request, caller: CallerDep) -> dict:
     """The caller's tenant's own figures: its open sessions (with viewers), their frames, and its avatar jobs."""
-    state = _state(request)
-    entries = state.sessions.for_tenant(caller.tenant)
+    return {"tenant": caller.tenant, **tenant_figures(_state(request), caller.tenant)}
+
+
+TENANT_COUNTS = ("sessions", "viewers", "frames_sent", "speech_frames", "dropped_frames", "stalled_frames",
+                 "utterances")
+
+
+def tenant_figures(state, tenant: str) -> dict:
+    """The server's (the app's `state`) figures of `tenant`: TENANT_COUNTS, and "jobs" by status."""
+    entries = state.sessions.for_tenant(tenant)
     stats = [entry.session.stats() for entry in entries]
-    totals = {key: sum(s[key] for s in stats) for key in ("frames_sent", "speech_frames", "dropped_frames",
-                                                           "stalled_frames", "utterances")}
-    return {"tenant": caller.tenant, "sessions": len(entries),
-            "viewers": sum(entry.viewer is not None for entry in entries), **totals,
-            "jobs": state.jobs.counts(caller.tenant)}
+    totals = {key: sum(s[key] for s in stats) for key in TENANT_COUNTS[2:]}
+    return {"sessions": len(entries), "viewers": sum(entry.viewer is not None for entry in entries), **totals,
+            "jobs": state.jobs.counts(tenant)}
 
 
 @router.get("/api/config")
@@ -168,9 +185,14 @@ class SessionRequest(BaseModel):
 
 
 def describe_session(entry: OpenSession) -> dict:
+    """A session as the API gives it. "ws" and "offer": where its viewer connects, paths on the server's
+    address, or absolute URLs on the server's own (setting public_url)."""
+    base = entry.public_url.rstrip("/")
+    ws_base = base.replace("http", "ws", 1) if base else ""
     return {"id": entry.id, "avatar": entry.avatar, "engine": entry.engine, "fps": entry.fps,
             "width": entry.size[1], "height": entry.size[0], "sample_rate": SAMPLE_RATE, "viewer": entry.viewer,
-            "ws": f"/api/sessions/{entry.id}/ws", "offer": f"/api/sessions/{entry.id}/offer"}
+            "instance": entry.instance or None,
+            "ws": f"{ws_base}/api/sessions/{entry.id}/ws", "offer": f"{base}/api/sessions/{entry.id}/offer"}
 
 
 @router.post("/api/sessions", status_code=201)
@@ -187,6 +209,9 @@ async def open_session(body: SessionRequest, request: Request, caller: Caller) -
     _require_ready(request)
     state = _state(request)
     settings = state.settings
+    if state.draining:
+        raise OverloadedError("this server is draining: it takes no new sessions and stops once its open ones "
+                              "end; open the session on another server", RETRY_AFTER_S)
     state.sessions.check_room(caller.key)
     slot = await state.engines.get(body.engine)
     avatar, compositor, material = await state.avatars.get(body.avatar, caller.tenant, slot.engine)
@@ -197,8 +222,10 @@ async def open_session(body: SessionRequest, request: Request, caller: Caller) -
     ticket = state.capacity.admit(demand, enforce=settings.admission_control)
     try:
         session = Session(avatar, slot.engine, slot.scheduler, fps=fps, compositor=compositor, material=material,
-                          max_queue_s=settings.max_queued_audio_s, auto_end_ms=settings.auto_end_ms or None)
-        entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps, size, height)
+                          max_queue_s=settings.max_queued_audio_s, auto_end_ms=settings.auto_end_ms or None,
+                          session_id=scoped_id(settings.instance, uuid.uuid4().hex))
+        entry = OpenSession(session, caller.key, caller.tenant, avatar.name, slot.engine.name, fps, size, height,
+                            instance=settings.instance, public_url=settings.public_url)
 
         async def release() -> None:
             state.capacity.release(ticket)

@@ -192,14 +192,17 @@ class Capacity:
     """target: the share of each resource admitted sessions may use (0..1]. max_batch: the schedulers'
     batch bound. fps / output_height: the session free capacity is counted in: 720p frames at `fps`,
     streamed at `output_height` (0: 720), on the first engine added. cores: the host's cores (default
-    `host_cores()`). now: the clock."""
+    `host_cores()`). max_sessions: a hard cap on the sessions admitted at once, whatever they measure
+    (None: none). now: the clock."""
 
     def __init__(self, *, target: float = 0.75, max_batch: int = 16, fps: int = 25, output_height: int = 0,
-                 cores: float | None = None, now: Callable[[], float] = time.monotonic):
+                 cores: float | None = None, max_sessions: int | None = None,
+                 now: Callable[[], float] = time.monotonic):
         if not 0 < target <= 1:
             raise ValueError(f"target must be in (0, 1], got {target}")
         self.target = target
         self.max_batch = max_batch
+        self.max_sessions = max_sessions
         self.cores = cores if cores is not None else host_cores()
         height = output_height or REFERENCE_FRAME[0]
         self._reference_shape = (fps, height * round(REFERENCE_FRAME[1] * height / REFERENCE_FRAME[0] / 2) * 2)
@@ -286,10 +289,15 @@ class Capacity:
 
     def admit(self, demand: Demand, *, enforce: bool = True) -> str:
         """Count a new session's demand; returns the ticket to `release` it with. Raises
-        OverloadedError when it does not fit (with `enforce`; without, it is only counted)."""
+        OverloadedError when it does not fit (with `enforce`; without, it is only counted), and when
+        `max_sessions` are open (always)."""
         with self._lock:
             if demand.engine not in self._engines:
                 raise ValueError(f"engine {demand.engine!r} was not added")
+            if self.max_sessions is not None and len(self._sessions) >= self.max_sessions:
+                raise OverloadedError(f"this server is at capacity: it holds {len(self._sessions)} sessions, the most "
+                                      "it may (setting max_sessions); try again in a while, or another server",
+                                      RETRY_AFTER_S)
             if enforce:
                 self._check(demand)
             ticket = uuid.uuid4().hex
@@ -414,8 +422,9 @@ class Capacity:
     def _free_sessions(self, ref: Demand) -> int:
         budget = self._budget()
         sessions = list(self._sessions.values())
+        most = 1000 if self.max_sessions is None else max(0, self.max_sessions - len(sessions))
         free = 0
-        while free < 1000 and self._fits([*sessions, *[ref] * (free + 1)], budget):
+        while free < most and self._fits([*sessions, *[ref] * (free + 1)], budget):
             free += 1
         return free
 

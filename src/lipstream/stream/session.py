@@ -103,7 +103,8 @@ class Session:
     `silence_hangover_ms`). ahead_s: how far ahead of the clock frames are
     handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
     real time instead of catching up. auto_end_ms: an open utterance whose speech has run out ends by
-    itself after this long without audio (None: only end_speech() ends it).
+    itself after this long without audio (None: only end_speech() ends it). session_id: its id (default:
+    a random hex UUID).
 
     Call everything from the event loop the scheduler runs on."""
 
@@ -111,7 +112,8 @@ class Session:
                  compositor: Compositor | None = None, clock: MediaClock | None = None, max_queue_s: float = 30.0,
                  material: Material | None = None, silence_dbfs: float = gate.DEFAULT_SILENCE_DBFS,
                  hangover_frames: int | None = None,
-                 ahead_s: float = 0.5, max_lag_s: float = 0.5, auto_end_ms: float | None = 600.0):
+                 ahead_s: float = 0.5, max_lag_s: float = 0.5, auto_end_ms: float | None = 600.0,
+                 session_id: str | None = None):
         self.fps = check_fps(fps)
         self.clock = clock or MediaClock(fps)
         if self.clock.fps != fps:
@@ -123,7 +125,7 @@ class Session:
             raise ValueError("max_queue_s, ahead_s and max_lag_s must be > 0")
         if auto_end_ms is not None and auto_end_ms <= 0:
             raise ValueError("auto_end_ms must be > 0 (or None: never)")
-        self.id = uuid.uuid4().hex
+        self.id = session_id or uuid.uuid4().hex
         self.avatar = avatar
         self._cycle_length = len(avatar)
         self.engine = engine
