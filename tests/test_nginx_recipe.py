@@ -23,7 +23,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "docker" / "nginx.conf"
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 
 pytestmark = [pytest.mark.anyio,
-              pytest.mark.skipif(NGINX is None, reason="needs Debian's nginx (install.sh installs it)")]
+              pytest.mark.skipif(NGINX is None, reason="needs Debian's nginx (apt-get install nginx; CI installs it)")]
 
 
 @pytest.fixture(scope="module")
