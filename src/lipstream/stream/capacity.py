@@ -449,8 +449,8 @@ def calibrate(capacity: Capacity, engine: Engine, *, encode: Callable[[np.ndarra
     `capacity`: live features of half a second of speech, generate at batch 1 and at `max_batch` (the
     second size only when a frame takes under 50 ms, so a slow engine calibrates in seconds),
     compositing a batch of 4 and `encode(frame)` of one frame (uint8 [720, 1280, 3] BGR)."""
-    from lipstream.synthetic import speech as synthetic_speech
     from lipstream.stream.compositor import Compositor
+    from lipstream.synthetic import speech as synthetic_speech
 
     avatar = _calibration_avatar()
     key = (type(engine), str(engine.device), engine.dtype)
