@@ -612,9 +612,11 @@ def test_cache_makes_what_is_derived_from_an_avatar_once(tmp_path):
         return object()
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: cache.get_derived("a", "", "warp", make), range(2)))
+        results = [(avatar, values["warp"]) for avatar, values in
+                   pool.map(lambda _: cache.get_derived("a", "", {"warp": make}), range(2))]
     assert len(made) == 1 and results[0][1] is results[1][1] and results[0][0] is results[1][0]
-    assert cache.get_derived("a", "", "warp", make)[1] is results[0][1]
-    assert cache.get_derived("a", "", "musetalk", make)[1] is not results[0][1] and len(made) == 2
+    assert cache.get_derived("a", "", {"warp": make})[1]["warp"] is results[0][1]
+    both = cache.get_derived("a", "", {"warp": make, "musetalk": make})[1]
+    assert both["warp"] is results[0][1] and both["musetalk"] is not results[0][1] and len(made) == 2
     cache.evict("a")
-    assert cache.get_derived("a", "", "warp", make)[1] is not results[0][1] and len(made) == 3
+    assert cache.get_derived("a", "", {"warp": make})[1]["warp"] is not results[0][1] and len(made) == 3
