@@ -301,6 +301,16 @@ def test_latents_with_musetalk_weights(tmp_path, grace_hopper_path):
     stored = torch.load(avatar.path / "latents.pt")  # MuseTalk's format: a list of [1, 8, 32, 32]
     assert isinstance(stored, list) and len(stored) == 2 and stored[0].shape == (1, 8, 32, 32)
     assert torch.equal(load_avatar("grace", root=tmp_path).latents, avatar.latents)
+    calls = []  # a server's jobs use its engine's VAE, on its device worker: the same latents
+
+    def device_call(fn, *args):
+        calls.append(threading.get_ident())
+        with ThreadPoolExecutor(1) as worker:
+            return worker.submit(fn, *args).result()
+
+    again = prepare_avatar("again", image=grace_hopper_path, root=tmp_path, vae=vae, device_call=device_call,
+                           progress=False)
+    assert calls and torch.equal(again.latents, avatar.latents)
     with pytest.raises(MissingWeightsError):
         prepare_avatar("x", image=grace_hopper_path, root=tmp_path, latents=True, models_root=tmp_path / "none")
 

@@ -81,7 +81,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
                                   in_use=state.sessions.avatars_shown, sharpen=settings.sharpen)
     state.jobs = AvatarJobs(settings.avatars_root, settings.models_root,
                             None if settings.device == "auto" else settings.device,
-                            max_per_tenant=settings.max_jobs_per_tenant, behind=state.capacity.behind)
+                            max_per_tenant=settings.max_jobs_per_tenant, behind=state.capacity.behind,
+                            shared_vae=state.engines.shared_vae)
     state.ready = asyncio.Event()
     state.startup_error = None
 

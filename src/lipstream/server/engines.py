@@ -108,6 +108,15 @@ class EngineHub:
                 await self._start(engine, reason)
             return self._slots[name]
 
+    def shared_vae(self) -> tuple[object, Callable[..., object]] | None:
+        """The running MuseTalk engine's VAE and a way to run work on its device worker (blocking, from
+        any thread): (vae, device_call), or None when no MuseTalk engine runs. Avatar jobs use it
+        rather than load a second VAE."""
+        slot = self._slots.get("musetalk")
+        if slot is None or not slot.scheduler.running:
+            return None
+        return slot.engine.models.vae, lambda fn, *args: slot.scheduler.call(fn, *args).result()
+
     async def aclose(self) -> None:
         for slot in self._slots.values():
             await slot.scheduler.aclose()
