@@ -163,3 +163,20 @@ def test_bench_compares_generated_faces_with_musetalk_weights(tmp_path, monkeypa
     default = next(r for r in rows if "face_rel_l2" in r)
     assert default["faces"] == 2 and default["face_rel_l2"] >= 0 and default["face_mean_abs_diff"] >= 0
     assert "faces at the defaults" in capsys.readouterr().out
+
+
+def test_a_pass_keeps_the_finished_log_mel_blocks_and_gets_the_same_input(whisper, speech):
+    """Each pass computes only the log-mel blocks its new audio reaches; its input is still exactly the
+    spectrogram of all the audio so far (what offline computes for that audio)."""
+    from lipstream.audio.features import encode_mels, segment_mels
+
+    encoder, extractor = whisper
+    streamer = StreamingFeatures(encoder, extractor, step_ms=120)
+    checked = 0
+    for start in range(0, speech.shape[0], 320):
+        feature_pass = streamer.prepare(speech[start:start + 320])
+        if feature_pass.mels is not None:
+            assert torch.equal(feature_pass.mels, segment_mels(speech[:feature_pass.end], extractor))
+            checked += 1
+        streamer.finish(feature_pass, None if feature_pass.mels is None else encode_mels(feature_pass.mels, encoder))
+    assert checked >= 8

@@ -237,3 +237,26 @@ def test_material_of_a_mirrored_cycle_encodes_its_first_half_only(engine):
     assert torch.equal(latents[0], latents[3]) and torch.equal(latents[1], latents[2])
     first_half = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(0))
     assert torch.equal(latents[:2], first_half)
+
+
+def test_feature_passes_of_many_streams_share_one_encoder_call(engine):
+    """The device worker's feature passes: the streams' passes run as one encoder call over all their
+    segments, each stream getting what its own pass gives; one stream's failure is not the others'."""
+    speeches = [np.random.default_rng(seed).standard_normal(8000).astype(np.float32) * 0.1 for seed in range(3)]
+    batched = [engine.feature_stream() for _ in speeches]
+    alone = [engine.feature_stream() for _ in speeches]
+    calls = []
+    hook = engine.models.whisper_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        for start in range(0, 8000, 1600):  # 100 ms chunks
+            results = engine.feature_passes([(s, audio[start:start + 1600]) for s, audio in zip(batched, speeches)])
+            expected = [s.push(audio[start:start + 1600]) for s, audio in zip(alone, speeches)]
+            for got, want in zip(results, expected):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # each batched pass is one call over the three streams' segments, as many as the lone streams' calls
+        assert calls.count(3) >= 3 and calls.count(1) == 3 * calls.count(3) and len(calls) == 4 * calls.count(3)
+        batched[0].flush()  # done: its next push fails, and only its own result is the error
+        results = engine.feature_passes([(batched[0], speeches[0][:320]), (batched[1], None)])
+        assert isinstance(results[0], RuntimeError) and isinstance(results[1], torch.Tensor)
+    finally:
+        hook.remove()

@@ -160,3 +160,15 @@ async def test_frames_that_wait_while_the_engine_is_busy_go_in_one_batch():
     await asyncio.gather(first, *others)
     assert [call.shape[0] for call in engine.calls] == [1, 9], "the waiting frames of all sessions in one call"
     await scheduler.aclose()
+
+
+def test_a_batch_takes_its_rows_of_several_avatars_materials_in_order():
+    """`gather`: one index per avatar's material, the rows in the batch's order."""
+    from lipstream.engines.base import concat, gather
+
+    _, material = small_avatar()
+    other = {key: value.flip(0) for key, value in material.items()}
+    rows = [(material, 2), (other, 0), (material, 0), (other, 3)]
+    batch = gather(rows, torch.device("cpu"))
+    expected = concat([take(m, [i]) for m, i in rows])
+    assert all(torch.equal(batch[key], expected[key]) for key in material)

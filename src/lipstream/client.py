@@ -312,6 +312,7 @@ class RemoteSession:
         self.hello: dict = {}
         self._ws = ws
         self._closed = False
+        self._images = _Images()  # of a patch-frames connection: they come once, for every frames() call
 
     async def push_audio(self, samples: np.ndarray) -> None:
         """Speech: int16 [n], or float32 [n] in [-1, 1], mono 16 kHz, any length (appended to the
@@ -344,7 +345,7 @@ class RemoteSession:
         called; SessionClosedError when the server closes the session."""
         events: list[str] = []
         problems: list[LipstreamError] = []
-        images = _Images()
+        images = self._images
         while True:
             try:
                 message = await _receive(self._ws, self.id)

@@ -39,17 +39,21 @@ class RealtimeVp8Encoder(Vp8Encoder):
 
     def encode(self, frame: av.VideoFrame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         if _stale(self.codec, frame, self.target_bitrate):
-            codec = av.CodecContext.create("libvpx", "w")
-            codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
-            codec.bit_rate = self.target_bitrate
-            codec.gop_size, codec.qmin, codec.qmax = 3000, 2, 56  # aiortc's
-            bitrate = str(self.target_bitrate)
-            codec.options = {"bufsize": bitrate, "minrate": bitrate, "maxrate": bitrate, "deadline": "realtime",
-                             "lag-in-frames": "0", "overshoot-pct": "15", "undershoot-pct": "100",
-                             "partitions": "0", "static-thresh": "1", **VP8_OPTIONS}
-            codec.thread_count = 1
-            self.codec = codec
+            self.codec = self.new_codec(frame)
         return super().encode(frame, force_keyframe)
+
+    def new_codec(self, frame: av.VideoFrame) -> av.CodecContext:
+        """A libvpx encoder for `frame`'s size at the target bit rate, aiortc's settings but ours."""
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
+        codec.bit_rate = self.target_bitrate
+        codec.gop_size, codec.qmin, codec.qmax = 3000, 2, 56  # aiortc's
+        bitrate = str(self.target_bitrate)
+        codec.options = {"bufsize": bitrate, "minrate": bitrate, "maxrate": bitrate, "deadline": "realtime",
+                         "lag-in-frames": "0", "overshoot-pct": "15", "undershoot-pct": "100", "partitions": "0",
+                         "static-thresh": "1", **VP8_OPTIONS}
+        codec.thread_count = 1
+        return codec
 
 
 class RealtimeH264Encoder(H264Encoder):
@@ -58,16 +62,20 @@ class RealtimeH264Encoder(H264Encoder):
     def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool):
         if _stale(self.codec, frame, self.target_bitrate):
             self.buffer_data, self.buffer_pts = b"", None
-            codec = av.CodecContext.create("libx264", "w")
-            codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
-            codec.bit_rate = self.target_bitrate
-            codec.framerate = fractions.Fraction(MAX_FRAME_RATE, 1)
-            codec.time_base = fractions.Fraction(1, MAX_FRAME_RATE)
-            codec.options = {"level": "31", "tune": "zerolatency", **H264_OPTIONS}
-            codec.profile = "Baseline"
-            codec.thread_count = 1
-            self.codec = codec
+            self.codec = self.new_codec(frame)
         return super()._encode_frame(frame, force_keyframe)
+
+    def new_codec(self, frame: av.VideoFrame) -> av.CodecContext:
+        """A libx264 encoder for `frame`'s size at the target bit rate, aiortc's settings but ours."""
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
+        codec.bit_rate = self.target_bitrate
+        codec.framerate = fractions.Fraction(MAX_FRAME_RATE, 1)
+        codec.time_base = fractions.Fraction(1, MAX_FRAME_RATE)
+        codec.options = {"level": "31", "tune": "zerolatency", **H264_OPTIONS}
+        codec.profile = "Baseline"
+        codec.thread_count = 1
+        return codec
 
 
 def realtime_encoder(codec: RTCRtpCodecParameters) -> Encoder:

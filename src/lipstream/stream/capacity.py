@@ -441,8 +441,8 @@ def calibrate(capacity: Capacity, engine: Engine, *, encode: Callable[[np.ndarra
     second size only when a frame takes under 50 ms, so a slow engine calibrates in seconds),
     compositing a batch of 4 into patches and `encode(frame)` of one whole frame (uint8 [720, 1280, 3]
     BGR). Run it where the engine's work runs (the scheduler runs it on its worker)."""
-    from lipstream.bench.warp import synthetic_speech
     from lipstream.stream.compositor import Compositor
+    from lipstream.synthetic import speech as synthetic_speech
 
     avatar = _calibration_avatar()
     key = (type(engine), str(engine.device), engine.dtype)

@@ -65,8 +65,8 @@ IN_FLIGHT = 2  # batches generated and not yet post-processed, at most
 class FrameResult:
     """A frame's face, ready on the host. image: the frame's `FacePatch` (with a compositor), or the
     face itself, uint8 [256, 256, 3] BGR (without). queued_s: from submit to its batch's start;
-    engine_s: its batch's generate call; composite_s: from the end of generation to the result on the
-    host (compositing and the copy)."""
+    engine_s: its batch's generate call; composite_s: its batch's post-processing (compositing and the
+    copy to the host; the device's time on a GPU)."""
 
     image: FacePatch | np.ndarray
     queued_s: float
@@ -470,16 +470,14 @@ class Scheduler:
             composite = Timing(composite_wall, time.thread_time() - cpu) if composite_s is None \
                 else Timing(composite_s, composite_s)
             self._observe(batch, outputs, engine, composite)
-            ready = self.now()
             results: list[Any] = [None] * len(batch)
             for rows, compositor, host_array in outputs:
                 pixels = host_array.numpy() if isinstance(host_array, torch.Tensor) else host_array
                 for i, row in enumerate(rows):
                     job = batch[row]
                     image = pixels[i] if compositor is None else compositor.patch(job.cycle, pixels[i])
-                    results[row] = FrameResult(image, began - job.submitted, engine.wall,
-                                               ready - began - engine.wall)
-            self._loop.call_soon_threadsafe(self._deliver, batch, results, engine.wall, ready - began)
+                    results[row] = FrameResult(image, began - job.submitted, engine.wall, composite.wall)
+            self._loop.call_soon_threadsafe(self._deliver, batch, results, engine.wall, self.now() - began)
         except Exception as exc:
             log.exception("post-processing a batch of %d frames failed", len(batch))
             self._loop.call_soon_threadsafe(_fail_all, [job.future for job in batch], exc)
