@@ -16,8 +16,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
