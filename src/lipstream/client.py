@@ -232,6 +232,12 @@ class LipstreamClient:
         session.hello = hello
         return session
 
+    async def offer(self, session_id: str, sdp: str) -> dict:
+        """Answer a WebRTC offer for the session (its SDP): {"sdp", "type": "answer"}. The session's
+        video and audio then go to that peer; its data channel carries the WebSocket's messages."""
+        return (await self._request("POST", f"/api/sessions/{session_id}/offer",
+                                    json={"sdp": sdp, "type": "offer"})).json()
+
     async def sessions(self) -> list[dict]:
         return (await self._request("GET", "/api/sessions")).json()["sessions"]
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import av
 import cv2
 import numpy as np
 
@@ -31,6 +30,8 @@ from lipstream.metrics import STAGE_SECONDS
 from lipstream.stream.capacity import Capacity, timed
 
 if TYPE_CHECKING:
+    import av
+
     from lipstream.stream.compositor import Compositor, FacePatch
     from lipstream.stream.session import OutputFrame
 
@@ -117,6 +118,8 @@ def video_frame(frame: OutputFrame) -> av.VideoFrame:
     """The frame as an av.VideoFrame (yuv420p) stamped `frame.pts` seconds on the 90 kHz clock, for a
     WebRTC video track: the cycle image's cached I420 planes copied into it once, the patch's own
     planes written over them."""
+    import av  # (only WebRTC needs PyAV here)
+
     planes = idle_images(frame.compositor).i420(frame.compositor.key(frame.cycle))
     video = av.VideoFrame.from_ndarray(planes, format="yuv420p")
     if frame.patch is not None:

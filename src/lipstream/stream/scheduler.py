@@ -372,7 +372,15 @@ class Scheduler:
             torch.cuda.set_stream(self._stream)
         with torch.inference_mode():
             while True:
-                work = self._take()
+                try:
+                    work = self._take()
+                except Exception:  # a bug of ours in the policy: the waiting work fails, the worker goes on
+                    log.exception("the %s worker could not pick its next work", self._label)
+                    with self._cond:
+                        jobs, self._heap = self._heap, []
+                    self._loop.call_soon_threadsafe(_fail_all, [job.future for job in jobs],
+                                                    RuntimeError("the device worker failed to schedule this work"))
+                    continue
                 if work is None:
                     return
                 kind, jobs = work
@@ -511,7 +519,8 @@ class Scheduler:
             self._recent.append((len(batch), engine_s, service_s))
             services = sorted(s for _, _, s in self._recent)
         self._service_s = services[len(services) // 2]
-        self._expected_s = _quantile(sorted(self._latencies), 0.95)
+        if self._latencies:  # (a batch whose frames were all withdrawn brings none)
+            self._expected_s = _quantile(sorted(self._latencies), 0.95)
 
 
 def _resolve_all(futures: list, values: list) -> None:
