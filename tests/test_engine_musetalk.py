@@ -125,23 +125,25 @@ def test_avatar_latents_reject_non_uint8_crops(engine):
         engine.avatar_latents(np.zeros((1, 256, 256, 3), dtype=np.float32))
 
 
-def test_bench_engine_runs_and_writes_json(engine, tmp_path, monkeypatch, capsys):
+def test_bench_engine_runs_and_writes_json(tmp_path, capsys):
+    """The engine bench with --tiny (the GPU pass's dry run): every batch, then a variant at the fastest."""
     from lipstream.bench import engine as bench_engine
 
-    monkeypatch.setattr(bench_engine, "random_musetalk", lambda device, dtype: engine.models)  # tiny, not full size
     parser = argparse.ArgumentParser()
     bench_engine.add_arguments(parser)
-    args = parser.parse_args(["--device", "cpu", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    args = parser.parse_args(["--device", "cpu", "--tiny", "--batches", "1", "2", "--at-best", "eager+channels_last",
+                              "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
     assert bench_engine.run(args) == 0
     out = capsys.readouterr().out
     assert "| fp32 | eager | 1 |" in out and "V100" in out
     doc = json.loads(next(tmp_path.glob("engine-*.json")).read_text())
-    assert doc["benchmark"] == "engine" and doc["settings"]["batches"] == [1]
-    row = doc["rows"][0]
-    assert (row["dtype"], row["variant"], row["batch"]) == ("fp32", "eager", 1)
-    assert row["frames_per_s"] > 0 and row["unet_ms"] > 0 and row["vae_decode_ms"] > 0
-    assert [r["variant"] for r in doc["rows"][1:]] == ["whisper encoder, 30 s window",
-                                                       "log-mel features (CPU), 30 s window"]
+    assert doc["benchmark"] == "engine" and doc["settings"]["batches"] == [1, 2] and doc["settings"]["tiny"]
+    rows = doc["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows[:2]] == [("eager", 1), ("eager", 2)]
+    best = max(rows[:2], key=lambda r: r["frames_per_s"])["batch"]
+    assert (rows[2]["variant"], rows[2]["batch"]) == ("eager+channels_last", best)
+    assert all(r["frames_per_s"] > 0 and r["unet_ms"] > 0 and r["vae_decode_ms"] > 0 for r in rows[:3])
+    assert [r["variant"] for r in rows[3:]] == ["whisper encoder, 30 s window", "log-mel features (CPU), 30 s window"]
 
 
 @pytest.mark.weights

@@ -80,7 +80,10 @@ def frame_windows(steps: torch.Tensor, fps: int, first_frame: int, end_frame: in
     left = max(0, -int(starts[0]))
     right = max(0, int(starts[-1]) + WINDOW_STEPS - steps.shape[0])
     padded = torch.cat([steps.new_zeros(left, hidden, dim), steps, steps.new_zeros(right, hidden, dim)])
-    index = torch.from_numpy(starts + left).to(steps.device)[:, None]
+    index = torch.from_numpy(starts + left)
+    if steps.device.type == "cuda":  # staged in pinned memory: a pageable copy would wait for the whole stream
+        index = index.pin_memory().to(steps.device, non_blocking=True)
+    index = index[:, None]
     index = index + torch.arange(WINDOW_STEPS, device=steps.device)
     return padded[index].reshape(count, WINDOW_STEPS * hidden, dim)
 

@@ -108,15 +108,21 @@ class MuseTalkEngine(Engine):
 
     def material(self, avatar: Avatar) -> Material:
         """{"latents": [N, 8, 32, 32]}: the avatar's stored latents, or computed from its crops (the
-        VAE samples its posterior, as MuseTalk does; seeded so that it is reproducible)."""
+        VAE samples its posterior, as MuseTalk does; seeded so that it is reproducible). On a GPU the
+        calling thread's stream is synchronized at the end: the material is then read on others."""
         if avatar.latents is not None:
-            return {"latents": to_device(avatar.latents, self.device, self.dtype)}
-        generator = torch.Generator(self.device).manual_seed(0)
-        slots = avatar.mirrored_slots  # a forward+reversed cycle: encode its first half only
-        if slots is None:
-            return {"latents": self.avatar_latents(avatar.crops, generator=generator)}
-        half = self.avatar_latents(avatar.crops[:len(avatar) // 2], generator=generator)
-        return {"latents": half[torch.tensor(slots, device=half.device)]}
+            latents = to_device(avatar.latents, self.device, self.dtype)
+        else:
+            generator = torch.Generator(self.device).manual_seed(0)
+            slots = avatar.mirrored_slots  # a forward+reversed cycle: encode its first half only
+            if slots is None:
+                latents = self.avatar_latents(avatar.crops, generator=generator)
+            else:
+                half = self.avatar_latents(avatar.crops[:len(avatar) // 2], generator=generator)
+                latents = half.index_select(0, to_device(torch.tensor(slots, dtype=torch.long), half.device))
+        if latents.device.type == "cuda":
+            torch.cuda.current_stream(latents.device).synchronize()
+        return {"latents": latents}
 
     def features(self, audio: np.ndarray, fps: int = 25) -> torch.Tensor:
         """Whisper window features [F, 50, 384] (no positional encoding) on the engine's device."""

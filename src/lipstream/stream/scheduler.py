@@ -53,7 +53,7 @@ from lipstream.engines.base import Engine, FeatureStream, gather
 from lipstream.metrics import BATCH_FRAMES, SCHEDULER_QUEUE_DEPTH, SHED_FRAMES, STAGE_SECONDS
 from lipstream.stream.capacity import Capacity, Timing
 from lipstream.stream.compositor import Compositor, FacePatch
-from lipstream.stream.device import HIGH_PRIORITY, Fence, Lane, to_host
+from lipstream.stream.device import HIGH_PRIORITY, Fence, Lane, to_device, to_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -453,31 +453,8 @@ class Scheduler:
                 host: Timing) -> None:
         """On the post lane: composite, copy to the host, and hand the results to the loop."""
         try:
-            end.wait()
-            if faces.device.type == "cuda":
-                faces.record_stream(torch.cuda.current_stream())
-            wall, cpu = time.perf_counter(), time.thread_time()
-            composite_start = Fence(self.device, timing=True).record()
-            groups: dict[int, list[int]] = {}
-            for row, job in enumerate(batch):
-                groups.setdefault(id(job.compositor), []).append(row)
-            outputs = []  # (rows, compositor, host array)
-            for rows in groups.values():
-                compositor = batch[rows[0]].compositor
-                part = faces if len(rows) == len(batch) else faces.index_select(
-                    0, torch.tensor(rows, device=faces.device))
-                if compositor is not None:
-                    part = compositor.patches([batch[r].cycle for r in rows], part)
-                outputs.append((rows, compositor, to_host(part) if isinstance(part, torch.Tensor) else part))
-            done = Fence(self.device, timing=True).record()
-            done.synchronize()
-            composite_wall = time.perf_counter() - wall
-            engine_s = start.seconds_until(end)
-            engine = host if engine_s is None else Timing(engine_s, engine_s)
-            composite_s = composite_start.seconds_until(done)
-            composite = Timing(composite_wall, time.thread_time() - cpu) if composite_s is None \
-                else Timing(composite_s, composite_s)
-            self._observe(batch, outputs, engine, composite)
+            with torch.inference_mode():
+                outputs, engine, composite = self._composite(batch, faces, start, end, host)
             results: list[Any] = [None] * len(batch)
             for rows, compositor, host_array in outputs:
                 pixels = host_array.numpy() if isinstance(host_array, torch.Tensor) else host_array
@@ -486,12 +463,44 @@ class Scheduler:
                     image = pixels[i] if compositor is None else compositor.patch(job.cycle, pixels[i])
                     results[row] = FrameResult(image, began - job.submitted, engine.wall, composite.wall)
             self._loop.call_soon_threadsafe(self._deliver, batch, results, engine.wall, self.now() - began)
-        except Exception as exc:
+        except Exception as exc:  # a compositor's failure fails its batch's frames
             log.exception("post-processing a batch of %d frames failed", len(batch))
             self._loop.call_soon_threadsafe(_fail_all, [job.future for job in batch], exc)
         finally:
             self._in_post -= 1
             self._posting.release()
+
+    def _composite(self, batch: list[_Frame], faces: torch.Tensor, start: Fence, end: Fence, host: Timing
+                   ) -> tuple[list, Timing, Timing]:
+        """The batch's faces in each compositor's patches, copied to the host: ([(rows, compositor, host
+        array)], engine timing, post-processing timing), returned once the copies are complete. This
+        lane's stream waits for the engine's fence on the GPU; `faces`, made on the engine's stream, is
+        marked as used on this one."""
+        end.wait()
+        if faces.device.type == "cuda":
+            faces.record_stream(torch.cuda.current_stream())
+        wall, cpu = time.perf_counter(), time.thread_time()
+        composite_start = Fence(self.device, timing=True).record()
+        groups: dict[int, list[int]] = {}
+        for row, job in enumerate(batch):
+            groups.setdefault(id(job.compositor), []).append(row)
+        outputs = []  # (rows, compositor, host array)
+        for rows in groups.values():
+            compositor = batch[rows[0]].compositor
+            part = faces if len(rows) == len(batch) else \
+                faces.index_select(0, to_device(torch.tensor(rows, dtype=torch.long), faces.device))
+            if compositor is not None:
+                part = compositor.patches([batch[r].cycle for r in rows], part)
+            outputs.append((rows, compositor, to_host(part) if isinstance(part, torch.Tensor) else part))
+        done = Fence(self.device, timing=True).record()
+        done.synchronize()
+        engine_s = start.seconds_until(end)
+        engine = host if engine_s is None else Timing(engine_s, engine_s)
+        composite_s = composite_start.seconds_until(done)
+        composite = Timing(time.perf_counter() - wall, time.thread_time() - cpu) if composite_s is None \
+            else Timing(composite_s, composite_s)
+        self._observe(batch, outputs, engine, composite)
+        return outputs, engine, composite
 
     def _observe(self, batch: list[_Frame], outputs: list, engine: Timing, composite: Timing) -> None:
         STAGE_SECONDS.labels("engine").observe(engine.wall)
