@@ -180,3 +180,16 @@ def test_a_pass_keeps_the_finished_log_mel_blocks_and_gets_the_same_input(whispe
             checked += 1
         streamer.finish(feature_pass, None if feature_pass.mels is None else encode_mels(feature_pass.mels, encoder))
     assert checked >= 8
+
+
+def test_the_start_lead_covers_the_grid_after_an_early_first_pass(whisper):
+    """Frame 0 comes out at 160 ms of audio; frames 1-3 only at the 240 and 360 ms grid points. With the
+    audio arriving in real time, an utterance started as soon as frame 0 is out would show frame 3 (due
+    120 ms after frame 0) 80 ms before its features exist: the stream asks for that lead, and for
+    none once the audio in is ahead of the grid (a TTS sending faster than real time)."""
+    encoder, extractor = whisper
+    streamer = StreamingFeatures(encoder, extractor, lookahead_ms=40, step_ms=120)
+    assert streamer.start_lead_s(2560) == pytest.approx(0.080)
+    assert streamer.start_lead_s(3840) == 0.0 and streamer.start_lead_s(16000) == 0.0
+    step_per_frame = StreamingFeatures(encoder, extractor, lookahead_ms=40, step_ms=40)
+    assert step_per_frame.start_lead_s(2560) == 0.0

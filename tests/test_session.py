@@ -447,3 +447,17 @@ async def test_the_first_frame_says_where_its_time_went(scheduler, now):
     assert session.stats()["first_frame_stages_ms"]["encode"] == pytest.approx(3)
     assert "encode" not in stages, "stats hand out a copy"
     await session.aclose()
+
+
+async def test_an_utterance_starts_late_enough_for_its_stream_to_keep_pace(scheduler, now):
+    """A stream that emits frames in groups asks for a lead (`start_lead_s`): the utterance's first
+    frame is planned that much later, the idle cycle playing on meanwhile, and no frame is dropped."""
+    session = make_session(scheduler.engine, scheduler, now)
+    session._stream.start_lead_s = lambda received: 0.2  # five frames at 25 fps
+    session.push_audio(voiced_speech(0.6, seed=5))
+    session.end_speech()
+    frames = [await step(session, now) for _ in range(12)]
+    first = next(i for i, f in enumerate(frames) if "speech_started" in f.events)
+    assert first >= 5 and not any(f.speaking for f in frames[:first])
+    assert session.stats()["dropped_frames"] == session.stats()["held_frames"] == 0
+    await session.aclose()

@@ -222,12 +222,29 @@ class StreamingFeatures:
 
     def _first_ready_end(self) -> int:
         """The fewest samples with which frame 0 is ready (its window and the look-ahead)."""
-        window_end = int(window_starts(np.array([0]), self.fps)[0]) + WINDOW_STEPS
+        return self._ready_end(0)
+
+    def _ready_end(self, frame: int) -> int:
+        """The fewest samples with which `frame` is ready (its window and the look-ahead)."""
+        window_end = int(window_starts(np.array([frame]), self.fps)[0]) + WINDOW_STEPS
         end = max(0, window_end * STEP_SAMPLES - STEP_SAMPLES) + self.lookahead_samples
         while num_whisper_steps(max(0, end - self.lookahead_samples)) < window_end \
-                or num_video_frames(end, self.fps) < 1:
+                or num_video_frames(end, self.fps) <= frame:
             end += 1
         return end
+
+    def start_lead_s(self, received: int) -> float:
+        """(FeatureStream) Frame j after frame 0 comes out at the grid point after its audio; with the
+        audio arriving in real time from `received` samples on, that is (grid point - received) from
+        now, and it is shown j frames after frame 0: the lead is the most any frame of the next few
+        grid periods would be late by (0 once the audio in covers them)."""
+        frame_samples = SAMPLE_RATE / self.fps
+        periods = 2 + round(self.step_samples / frame_samples)
+        lead = 0.0
+        for frame in range(1, num_video_frames(received, self.fps) + 2 * periods):
+            at = -(-self._ready_end(frame) // self.step_samples) * self.step_samples
+            lead = max(lead, (max(0, at - received) - frame * frame_samples) / SAMPLE_RATE)
+        return lead
 
     def _ready(self, end: int, final: bool) -> int:
         """Number of frames (counted from 0) whose features can be computed from audio [0, end)."""

@@ -384,8 +384,7 @@ async def _inprocess_clients(n: int, engine, avatar, material, compositor, speec
     from lipstream.stream.session import Session
 
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    scheduler.start()
-    await scheduler.run(engine.warmup, args.max_batch)  # on its worker: CUDA graphs are per thread
+    await scheduler.warm_start()  # on its worker: CUDA graphs are per thread
     pool = EncodingPool()
     stop_at = time.monotonic() + args.seconds
     rng = random.Random(n)

@@ -76,6 +76,12 @@ class FeatureStream(Protocol):
     def reset(self) -> None:
         """Forget everything; the next push starts frame 0 of a new utterance."""
 
+    def start_lead_s(self, received: int) -> float:
+        """With `received` samples of the utterance in and frame 0 just out: how much later than frame 0
+        alone needs, the utterance should start so that the frames after it, coming out as the rest
+        of the audio arrives in real time, are never later relative to their display than frame 0 (a
+        stream that emits frames in groups makes the first of a group wait for the group's last)."""
+
 
 class Engine(ABC):
     """name: the engine's id ("musetalk", "warp"). device/dtype: where and in which precision it

@@ -83,12 +83,7 @@ class LocalSessions:
         engine, _ = await asyncio.to_thread(shared_engine, self.settings)
         if self._scheduler is None:
             scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms)
-            scheduler.start()
-            try:
-                await scheduler.run(engine.warmup, self.settings.max_batch)
-            except BaseException:
-                await scheduler.aclose()
-                raise
+            await scheduler.warm_start()
             self._scheduler = scheduler
         height = self.settings.output_height if output_height is None else output_height
         avatar, compositor, material = await self._prepared(avatar, engine, self._scheduler, height)

@@ -67,12 +67,7 @@ class EngineHub:
     async def _start(self, engine: Engine, reason: str) -> EngineSlot:
         scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
                               capacity=self.capacity)
-        scheduler.start()
-        try:
-            await scheduler.run(engine.warmup, self.settings.max_batch)
-        except BaseException:
-            await scheduler.aclose()
-            raise
+        await scheduler.warm_start()
         try:
             await scheduler.run(functools.partial(calibrate, self.capacity, engine, encode=self._encode_probe,
                                                   max_batch=self.settings.max_batch, fps=self.settings.fps))

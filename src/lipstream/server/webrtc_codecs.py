@@ -34,6 +34,16 @@ def _stale(codec: av.CodecContext | None, frame: av.VideoFrame, bitrate: int) ->
         or abs(bitrate - codec.bit_rate) / codec.bit_rate > 0.1
 
 
+def _codec(name: str, frame: av.VideoFrame, bitrate: int, options: dict[str, str]) -> av.CodecContext:
+    """A one-thread encoder `name` for yuv420p frames of `frame`'s size at `bitrate`, with `options`."""
+    codec = av.CodecContext.create(name, "w")
+    codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
+    codec.bit_rate = bitrate
+    codec.options = options
+    codec.thread_count = 1
+    return codec
+
+
 class RealtimeVp8Encoder(Vp8Encoder):
     """aiortc's VP8 encoder with VP8_OPTIONS, one thread."""
 
@@ -44,15 +54,11 @@ class RealtimeVp8Encoder(Vp8Encoder):
 
     def new_codec(self, frame: av.VideoFrame) -> av.CodecContext:
         """A libvpx encoder for `frame`'s size at the target bit rate, aiortc's settings but ours."""
-        codec = av.CodecContext.create("libvpx", "w")
-        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
-        codec.bit_rate = self.target_bitrate
-        codec.gop_size, codec.qmin, codec.qmax = 3000, 2, 56  # aiortc's
         bitrate = str(self.target_bitrate)
-        codec.options = {"bufsize": bitrate, "minrate": bitrate, "maxrate": bitrate, "deadline": "realtime",
-                         "lag-in-frames": "0", "overshoot-pct": "15", "undershoot-pct": "100", "partitions": "0",
-                         "static-thresh": "1", **VP8_OPTIONS}
-        codec.thread_count = 1
+        codec = _codec("libvpx", frame, self.target_bitrate, {
+            "bufsize": bitrate, "minrate": bitrate, "maxrate": bitrate, "deadline": "realtime", "lag-in-frames": "0",
+            "overshoot-pct": "15", "undershoot-pct": "100", "partitions": "0", "static-thresh": "1", **VP8_OPTIONS})
+        codec.gop_size, codec.qmin, codec.qmax = 3000, 2, 56  # aiortc's
         return codec
 
 
@@ -67,14 +73,10 @@ class RealtimeH264Encoder(H264Encoder):
 
     def new_codec(self, frame: av.VideoFrame) -> av.CodecContext:
         """A libx264 encoder for `frame`'s size at the target bit rate, aiortc's settings but ours."""
-        codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
-        codec.bit_rate = self.target_bitrate
+        codec = _codec("libx264", frame, self.target_bitrate, {"level": "31", "tune": "zerolatency", **H264_OPTIONS})
         codec.framerate = fractions.Fraction(MAX_FRAME_RATE, 1)
         codec.time_base = fractions.Fraction(1, MAX_FRAME_RATE)
-        codec.options = {"level": "31", "tune": "zerolatency", **H264_OPTIONS}
         codec.profile = "Baseline"
-        codec.thread_count = 1
         return codec
 
 

@@ -163,6 +163,17 @@ class Scheduler:
         self._worker = threading.Thread(target=self._work, name=f"{name}-worker", daemon=True)
         self._worker.start()
 
+    async def warm_start(self) -> None:
+        """`start()`, then warm the engine up on the worker (`engine.warmup(max_batch)`: every batch size
+        compiled and captured on the thread that will run it). If the warm-up fails, the scheduler is
+        closed and the error raised."""
+        self.start()
+        try:
+            await self.run(self.engine.warmup, self.max_batch)
+        except BaseException:
+            await self.aclose()
+            raise
+
     async def aclose(self) -> None:
         """Stop: waiting work is cancelled, the batch in progress finishes, the threads end (idempotent)."""
         if self._closed:

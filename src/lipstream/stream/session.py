@@ -446,8 +446,9 @@ class Session:
             else:
                 if utt.featured == 0:
                     return
-                if utt.c0 is None:
-                    expected = self.clock.frame_at(self.clock.now() + self.scheduler.expected_latency_s())
+                if utt.c0 is None:  # when frame 0 can be ready, and the frames after it keep pace
+                    lead = self.scheduler.expected_latency_s() + self._stream.start_lead_s(utt.pcm.end)
+                    expected = self.clock.frame_at(self.clock.now() + lead)
                     utt.c0 = cycle_base + max(0, expected - base)
                 first = base + max(0, utt.c0 - cycle_base)
             for j in range(utt.submitted, utt.featured):
