@@ -134,23 +134,18 @@ def bench_avatar(size: str):
 
 
 def load_bench_engine(args: argparse.Namespace):
-    """(engine, one line saying which and why), with the server's backend flags for its device; its
-    scheduler's worker warms it up."""
+    """(engine, one line saying which and why); its scheduler sets the device's backend flags and
+    warms it up (`Scheduler.warm_start`), as the server's does."""
     import torch
-
-    from lipstream.stream.device import configure_backends
 
     if args.engine != "musetalk-random":
         from lipstream.engines.select import load_engine
 
-        engine, reason = load_engine(args.engine, args.models, args.device, compile_mode=args.compile)
-        configure_backends(engine.device)
-        return engine, reason
+        return load_engine(args.engine, args.models, args.device, compile_mode=args.compile)
     from lipstream.bench.engine import random_musetalk
     from lipstream.engines.musetalk import MuseTalkEngine
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    configure_backends(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     engine = MuseTalkEngine(random_musetalk(device, dtype, tiny=args.tiny), compile_mode=args.compile)
     size = "tiny networks (a dry run)" if args.tiny else "random weights"

@@ -92,6 +92,10 @@ class Engine(ABC):
     # silence gate, `audio.gate`): the time the engine takes to bring the mouth back to rest. After it,
     # the avatar's own frame is shown, pixel for pixel.
     silence_hangover_ms: ClassVar[float] = 80.0
+    # Intra-op threads the engine's torch work wants on a CPU device (None: torch's default, every core).
+    # An engine whose work is NumPy/OpenCV, torch only moving rows, wants 1: a parallel region for a
+    # small copy makes its threads spin, and on a busy machine that costs more than the copy.
+    torch_threads: ClassVar[int | None] = None
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device

@@ -22,21 +22,18 @@ from lipstream.config import Settings
 from lipstream.engines.base import Engine
 from lipstream.engines.select import load_engine
 from lipstream.stream.capacity import Capacity, calibrate
-from lipstream.stream.device import configure_backends
 from lipstream.stream.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 
 def load_engine_for(settings: Settings, name: str) -> tuple[Engine, str]:
-    """`load_engine(name)` on the settings' models root, device, dtype and compile mode, with the
-    backend flags the benchmarks use set for its device: (engine, why it runs). Not warmed up yet."""
+    """`load_engine(name)` on the settings' models root, device, dtype and compile mode: (engine, why it
+    runs). Its scheduler sets the device's backend flags and warms it up (`Scheduler.warm_start`)."""
     device = None if settings.device == "auto" else settings.device
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     compile_mode = None if settings.compile_mode == "none" else settings.compile_mode
-    engine, reason = load_engine(name, settings.models_root, device, dtype, compile_mode)
-    configure_backends(engine.device)
-    return engine, reason
+    return load_engine(name, settings.models_root, device, dtype, compile_mode)
 
 
 @dataclass

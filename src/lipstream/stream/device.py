@@ -144,11 +144,14 @@ def to_device(data: np.ndarray | torch.Tensor, device: torch.device, dtype: torc
     return tensor if dtype is None else tensor.to(dtype)
 
 
-def configure_backends(device: torch.device) -> None:
+def configure_backends(device: torch.device, *, torch_threads: int | None = None) -> None:
     """The backend flags fast inference wants on `device` (CUDA: cuDNN picks the fastest convolution
-    for each shape, which warm-up then measures; float32 matrix work may use TF32). Process-wide; the
-    server and the benchmarks set the same ones, so that the benchmarks measure what the server runs."""
+    for each shape, which warm-up then measures; float32 matrix work may use TF32; the CPU: torch's
+    intra-op threads, `torch_threads` if given, see `Engine.torch_threads`). Process-wide; the server
+    and the benchmarks set the same ones, so that the benchmarks measure what the server runs."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif torch_threads is not None:
+        torch.set_num_threads(torch_threads)

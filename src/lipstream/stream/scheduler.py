@@ -53,7 +53,7 @@ from lipstream.engines.base import Engine, FeatureStream, gather
 from lipstream.metrics import BATCH_FRAMES, SCHEDULER_QUEUE_DEPTH, SHED_FRAMES, STAGE_SECONDS
 from lipstream.stream.capacity import Capacity, Timing
 from lipstream.stream.compositor import Compositor, FacePatch
-from lipstream.stream.device import HIGH_PRIORITY, Fence, Lane, to_device, to_host
+from lipstream.stream.device import HIGH_PRIORITY, Fence, Lane, configure_backends, to_device, to_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,9 +164,11 @@ class Scheduler:
         self._worker.start()
 
     async def warm_start(self) -> None:
-        """`start()`, then warm the engine up on the worker (`engine.warmup(max_batch)`: every batch size
+        """Set the device's backend flags (`configure_backends`, with the engine's `torch_threads`),
+        `start()`, then warm the engine up on the worker (`engine.warmup(max_batch)`: every batch size
         compiled and captured on the thread that will run it). If the warm-up fails, the scheduler is
         closed and the error raised."""
+        configure_backends(self.device, torch_threads=self.engine.torch_threads)
         self.start()
         try:
             await self.run(self.engine.warmup, self.max_batch)
