@@ -14,8 +14,8 @@ from lipstream.engines.musetalk import MuseTalkEngine
 from lipstream.stream.compositor import Compositor
 from lipstream.stream.device import Fence, Lane, to_device, to_host
 from lipstream.stream.scheduler import Scheduler
+from lipstream.synthetic import moving_avatar
 from musetalk_tiny import write_tiny_musetalk
-from stream_helpers import small_avatar
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,6 +47,12 @@ def test_on_the_cpu_fences_pass_and_copies_are_the_tensors_themselves():
 
 
 @pytest.fixture(scope="module")
+def avatar():
+    """A 5-frame 144x256 avatar (no landmarks: nothing here needs the face mesh)."""
+    return moving_avatar((144, 256), (90, 20, 170, 120), 5)
+
+
+@pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("musetalk")
     write_tiny_musetalk(root)
@@ -70,11 +76,22 @@ async def _patches(engine: MuseTalkEngine, compositor: Compositor, material, fra
         await scheduler.aclose()
 
 
+@pytest.mark.anyio
+async def test_the_worker_hands_back_host_patches_of_the_engines_faces(tiny_root, avatar):
+    """Feature passes and frames through the worker (the tiny MuseTalk on the CPU): each frame comes
+    back as a patch in host memory, at its compositor's origin, with a face in it."""
+    engine = MuseTalkEngine.load(tiny_root, device="cpu")
+    compositor = Compositor(avatar)
+    audio = np.random.default_rng(0).standard_normal(12800).astype(np.float32) * 0.1
+    patches, _, _ = await _patches(engine, compositor, engine.material(avatar), [0, 1, 2], audio)
+    assert all(isinstance(p.pixels, np.ndarray) and (p.x, p.y) == compositor.origins[i] for i, p in enumerate(patches))
+    assert all(not np.array_equal(p.paste(compositor.frame(i)), compositor.frame(i)) for i, p in enumerate(patches))
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.anyio
-async def test_the_cuda_worker_runs_on_its_own_streams_and_hands_back_what_the_cpu_gives(tiny_root):
-    avatar, _ = small_avatar()
+async def test_the_cuda_worker_runs_on_its_own_streams_and_hands_back_what_the_cpu_gives(tiny_root, avatar):
     audio = np.random.default_rng(0).standard_normal(12800).astype(np.float32) * 0.1
     frames = [0, 1, 2, 3, 4, 0]
     out = {}
@@ -111,10 +128,9 @@ def test_host_copies_are_pinned_and_complete_after_their_fence():
 @pytest.mark.slow
 @cuda
 @pytest.mark.anyio
-async def test_cuda_graphs_are_captured_by_the_worker_and_replayed_for_live_batches(tiny_root):
+async def test_cuda_graphs_are_captured_by_the_worker_and_replayed_for_live_batches(tiny_root, avatar):
     """reduce-overhead: warm-up on the worker thread compiles and captures each bucket; live batches
     on the same thread replay them and give the eager engine's faces."""
-    avatar, _ = small_avatar()
     audio = np.random.default_rng(1).standard_normal(12800).astype(np.float32) * 0.1
     eager = MuseTalkEngine.load(tiny_root, device="cuda")
     graphs = MuseTalkEngine(eager.models, compile_mode="reduce-overhead")
