@@ -56,8 +56,7 @@ class Lane:
         """Make this lane's stream the calling thread's current stream (the lane's own thread does this
         at start; a thread that runs lane work itself, like the scheduler's, calls it first)."""
         if self.stream is not None:
-            torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(self.stream)
+            use_stream(self.stream)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         future: Future[T] = Future()
@@ -85,6 +84,12 @@ class Lane:
                 future.set_result(fn(*args))
             except BaseException as exc:  # noqa: BLE001 (handed to whoever waits for the call)
                 future.set_exception(exc)
+
+
+def use_stream(stream: torch.cuda.Stream) -> None:
+    """Make `stream` (and its device) the calling thread's current one."""
+    torch.cuda.set_device(stream.device)
+    torch.cuda.set_stream(stream)
 
 
 class Fence:

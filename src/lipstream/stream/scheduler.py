@@ -53,7 +53,15 @@ from lipstream.engines.base import Engine, FeatureStream, gather
 from lipstream.metrics import BATCH_FRAMES, SCHEDULER_QUEUE_DEPTH, SHED_FRAMES, STAGE_SECONDS
 from lipstream.stream.capacity import Capacity, Timing
 from lipstream.stream.compositor import Compositor, FacePatch
-from lipstream.stream.device import HIGH_PRIORITY, Fence, Lane, configure_backends, to_device, to_host
+from lipstream.stream.device import (
+    HIGH_PRIORITY,
+    Fence,
+    Lane,
+    configure_backends,
+    to_device,
+    to_host,
+    use_stream,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -381,8 +389,7 @@ class Scheduler:
 
     def _work(self) -> None:
         if self._stream is not None:
-            torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(self._stream)
+            use_stream(self._stream)
         with torch.inference_mode():
             while True:
                 try:
