@@ -73,7 +73,7 @@ from lipstream.demo import SAMPLE_AVATAR, sample_avatar, synthesize_speech
 from lipstream.errors import LipstreamError
 from lipstream.integrations.local import is_path
 from lipstream.integrations.pipecat import LipstreamVideoService
-from lipstream.media.encoding import output_size
+from lipstream.stream.compositor import output_size
 from lipstream.stream.pcm import to_pcm16
 
 SYSTEM_PROMPT = ("You are a friendly assistant with a face, talking with someone over video. Answer in one or "

@@ -13,28 +13,10 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from lipstream.models.unet import MUSETALK_UNET_CONFIG, build_unet
-from lipstream.models.vae import SD_VAE_CONFIG
-
-TEST_UNET_CONFIG = {
-    **MUSETALK_UNET_CONFIG,
-    "block_out_channels": [32, 64],
-    # cross-attention at 16x16 only: attention over 32x32 = 1024 tokens costs most of a CPU forward
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 32,
-}
-# Four blocks, so the VAE downsamples x8 like sd-vae-ft-mse: 256x256 crops <-> 32x32 latents.
-TEST_VAE_CONFIG = {**SD_VAE_CONFIG, "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
-# d_model stays 384 (the UNet's cross_attention_dim) and the input stays 30 s ([1, 80, 3000]), as real whisper.
-TEST_WHISPER_CONFIG = {
-    "d_model": 384, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 6,
-    "decoder_attention_heads": 6, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_source_positions": 1500,
-    "max_target_positions": 16, "vocab_size": 100, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-    "decoder_start_token_id": 1,
-}
+from lipstream.models.tiny import TINY_UNET_CONFIG as TEST_UNET_CONFIG
+from lipstream.models.tiny import TINY_VAE_CONFIG as TEST_VAE_CONFIG
+from lipstream.models.tiny import TINY_WHISPER_CONFIG as TEST_WHISPER_CONFIG
+from lipstream.models.unet import build_unet
 
 
 def write_tiny_musetalk(root: Path, seed: int = 0, whisper_file: str = "pytorch_model.bin") -> dict[str, torch.nn.Module]:

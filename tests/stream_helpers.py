@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -48,8 +50,10 @@ class GatedWarp(CountingWarp):
     def __init__(self):
         super().__init__()
         self.permits = threading.Semaphore(0)
+        self.entered = threading.Event()  # a generate call is waiting for (or has had) its permit
 
     def generate(self, material, conditioning):
+        self.entered.set()
         if not self.permits.acquire(timeout=20):
             raise TimeoutError("the test never released the engine")
         return super().generate(material, conditioning)
@@ -86,7 +90,8 @@ def make_session(engine, scheduler: Scheduler, now: FakeNow | None = None, **kwa
     """A session of the small avatar on a CPU compositor; with a fake clock when `now` is given."""
     avatar, material = small_avatar()
     clock = MediaClock(25, now=now) if now is not None else None
-    return Session(avatar, engine, scheduler, compositor=Compositor(avatar), material=material, clock=clock, **kwargs)
+    kwargs.setdefault("material", material)  # the warp engine's, unless given
+    return Session(avatar, engine, scheduler, compositor=Compositor(avatar), clock=clock, **kwargs)
 
 
 async def step(session: Session, now: FakeNow) -> OutputFrame:
@@ -101,3 +106,17 @@ async def until(condition, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.002)
+
+
+@contextlib.contextmanager
+def worker_held(scheduler: Scheduler) -> Iterator[None]:
+    """Keep the scheduler's worker busy (on a task) while the block runs, so that everything the block
+    submits is waiting when the worker looks again, as a burst of sessions' work would be."""
+    entered, release = threading.Event(), threading.Event()
+    scheduler.call(lambda: (entered.set(), release.wait(20)))
+    if not entered.wait(20):
+        raise TimeoutError("the worker never took the holding task")
+    try:
+        yield
+    finally:
+        release.set()

@@ -42,10 +42,29 @@ def rel_l2(streamed: torch.Tensor, offline: torch.Tensor) -> tuple[float, float]
 
 @pytest.mark.parametrize("fps", [25, 30])
 def test_flush_of_whole_clip_equals_offline(whisper, speech, fps):
+    """A whole clip at once: frame 0 comes from the first pass (the audio that made it ready, no more),
+    every other frame from the flush, exactly as offline."""
     encoder, extractor = whisper
     streamer = StreamingFeatures(encoder, extractor, fps=fps, step_ms=10_000)
-    assert streamer.push(speech).shape == (0, 50, 32)
-    assert torch.equal(streamer.flush(), audio_features(speech, encoder, extractor, fps=fps))
+    first = streamer.push(speech)
+    head = speech[:streamer.first_pass_samples]
+    assert first.shape == (1, 50, 32) and torch.equal(first, audio_features(head, encoder, extractor, fps=fps)[:1])
+    assert torch.equal(streamer.flush(), audio_features(speech, encoder, extractor, fps=fps)[1:])
+
+
+@pytest.mark.parametrize(("fps", "lookahead_ms", "ready_at"), [(25, 40, 2560), (25, 0, 1920), (30, 80, 3200)])
+def test_the_first_pass_runs_as_soon_as_frame_0_is_ready(whisper, speech, fps, lookahead_ms, ready_at):
+    """Frame 0 needs its window (steps up to 6 at 25 fps: 120 ms) and the look-ahead; the first pass
+    runs at the chunk that brings that audio, not at the next point of the grid."""
+    encoder, extractor = whisper
+    streamer = StreamingFeatures(encoder, extractor, fps=fps, lookahead_ms=lookahead_ms, step_ms=120)
+    assert streamer.first_pass_samples == ready_at
+    cut = (ready_at - 1) // 160 * 160  # 10 ms chunks up to just before it
+    out = [streamer.push(speech[i:i + 160]) for i in range(0, cut, 160)]
+    assert streamer.passes == 0 and all(o.shape[0] == 0 for o in out)
+    first = streamer.push(speech[cut:cut + 160])
+    assert streamer.passes == 1 and first.shape[0] == 1
+    assert torch.equal(first, audio_features(speech[:ready_at], encoder, extractor, fps=fps)[:1])
 
 
 @pytest.mark.parametrize(("fps", "context_s", "lookahead_ms"), [(25, None, 80), (30, None, 0), (25, 0.5, 40)])
@@ -82,10 +101,10 @@ def test_frames_come_out_as_soon_as_the_lookahead_allows(whisper, fps, lookahead
 def test_outputs_do_not_depend_on_chunk_size(whisper, speech):
     encoder, extractor = whisper
     results = []
-    for chunk_ms in (20, 60, 300):
+    for chunk_ms in (20, 60, 160):  # no chunk spans two pass points (frame 0 ready at 160 ms, then every 300 ms)
         streamer = StreamingFeatures(encoder, extractor, lookahead_ms=40, step_ms=300)
         results.append(stream(streamer, speech, chunk_ms * 16))
-        assert streamer.passes == 5  # 4 grid points + flush
+        assert streamer.passes == 6  # frame 0 ready (160 ms) + 4 grid points + flush
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
@@ -114,7 +133,7 @@ def test_pcm16_input_reset_and_flush_rules(whisper, speech):
     assert streamer.frames_emitted == 0 and streamer.samples_received == 0
     streamer.push(pcm.astype(np.float32) / 32768)
     assert torch.equal(streamer.flush(), from_int16)
-    assert streamer.last_pass_seconds is not None and streamer.passes == 1
+    assert streamer.last_pass_seconds is not None and streamer.passes == 2  # frame 0's pass, the flush
 
 
 def test_invalid_settings(whisper):
@@ -144,3 +163,33 @@ def test_bench_compares_generated_faces_with_musetalk_weights(tmp_path, monkeypa
     default = next(r for r in rows if "face_rel_l2" in r)
     assert default["faces"] == 2 and default["face_rel_l2"] >= 0 and default["face_mean_abs_diff"] >= 0
     assert "faces at the defaults" in capsys.readouterr().out
+
+
+def test_a_pass_keeps_the_finished_log_mel_blocks_and_gets_the_same_input(whisper, speech):
+    """Each pass computes only the log-mel blocks its new audio reaches; its input is still exactly the
+    spectrogram of all the audio so far (what offline computes for that audio)."""
+    from lipstream.audio.features import encode_mels, segment_mels
+
+    encoder, extractor = whisper
+    streamer = StreamingFeatures(encoder, extractor, step_ms=120)
+    checked = 0
+    for start in range(0, speech.shape[0], 320):
+        feature_pass = streamer.prepare(speech[start:start + 320])
+        if feature_pass.mels is not None:
+            assert torch.equal(feature_pass.mels, segment_mels(speech[:feature_pass.end], extractor))
+            checked += 1
+        streamer.finish(feature_pass, None if feature_pass.mels is None else encode_mels(feature_pass.mels, encoder))
+    assert checked >= 8
+
+
+def test_the_start_lead_covers_the_grid_after_an_early_first_pass(whisper):
+    """Frame 0 comes out at 160 ms of audio; frames 1-3 only at the 240 and 360 ms grid points. With the
+    audio arriving in real time, an utterance started as soon as frame 0 is out would show frame 3 (due
+    120 ms after frame 0) 80 ms before its features exist: the stream asks for that lead, and for
+    none once the audio in is ahead of the grid (a TTS sending faster than real time)."""
+    encoder, extractor = whisper
+    streamer = StreamingFeatures(encoder, extractor, lookahead_ms=40, step_ms=120)
+    assert streamer.start_lead_s(2560) == pytest.approx(0.080)
+    assert streamer.start_lead_s(3840) == 0.0 and streamer.start_lead_s(16000) == 0.0
+    step_per_frame = StreamingFeatures(encoder, extractor, lookahead_ms=40, step_ms=40)
+    assert step_per_frame.start_lead_s(2560) == 0.0

@@ -301,6 +301,16 @@ def test_latents_with_musetalk_weights(tmp_path, grace_hopper_path):
     stored = torch.load(avatar.path / "latents.pt")  # MuseTalk's format: a list of [1, 8, 32, 32]
     assert isinstance(stored, list) and len(stored) == 2 and stored[0].shape == (1, 8, 32, 32)
     assert torch.equal(load_avatar("grace", root=tmp_path).latents, avatar.latents)
+    calls = []  # a server's jobs use its engine's VAE, on its device worker: the same latents
+
+    def device_call(fn, *args):
+        calls.append(threading.get_ident())
+        with ThreadPoolExecutor(1) as worker:
+            return worker.submit(fn, *args).result()
+
+    again = prepare_avatar("again", image=grace_hopper_path, root=tmp_path, vae=vae, device_call=device_call,
+                           progress=False)
+    assert calls and torch.equal(again.latents, avatar.latents)
     with pytest.raises(MissingWeightsError):
         prepare_avatar("x", image=grace_hopper_path, root=tmp_path, latents=True, models_root=tmp_path / "none")
 
@@ -612,9 +622,11 @@ def test_cache_makes_what_is_derived_from_an_avatar_once(tmp_path):
         return object()
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: cache.get_derived("a", "", "warp", make), range(2)))
+        results = [(avatar, values["warp"]) for avatar, values in
+                   pool.map(lambda _: cache.get_derived("a", "", {"warp": make}), range(2))]
     assert len(made) == 1 and results[0][1] is results[1][1] and results[0][0] is results[1][0]
-    assert cache.get_derived("a", "", "warp", make)[1] is results[0][1]
-    assert cache.get_derived("a", "", "musetalk", make)[1] is not results[0][1] and len(made) == 2
+    assert cache.get_derived("a", "", {"warp": make})[1]["warp"] is results[0][1]
+    both = cache.get_derived("a", "", {"warp": make, "musetalk": make})[1]
+    assert both["warp"] is results[0][1] and both["musetalk"] is not results[0][1] and len(made) == 2
     cache.evict("a")
-    assert cache.get_derived("a", "", "warp", make)[1] is not results[0][1] and len(made) == 3
+    assert cache.get_derived("a", "", {"warp": make})[1]["warp"] is not results[0][1] and len(made) == 3

@@ -30,7 +30,7 @@ def test_postprocess_bench_writes_every_row(tmp_path, capsys):
     assert got == {(op, impl, 1) for op in ("resize", "unsharp", "blend", "pipeline") for impl in ("numpy", "torch-cpu")} | {
         ("pipeline, in place", "numpy", 1), ("frame copy alone", "numpy", 1),
         ("pipeline, a batch over all cores", "numpy", 16),
-        ("pipeline, frame on device", "torch-cpu", 16)}
+        ("pipeline, frame on device", "torch-cpu", 16), ("compositor patches", "numpy", 16)}
     for row in doc["rows"]:
         assert row["original_ms"] > 0 and row["lipstream_ms"] > 0
         assert abs(row["speedup"] - row["original_ms"] / row["lipstream_ms"]) < 1e-9

@@ -10,7 +10,6 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from lipstream.engines.base import take
 from lipstream.engines.warp import WarpEngine
 from lipstream.errors import OverloadedError
 from lipstream.metrics import FRAMES
@@ -18,7 +17,7 @@ from lipstream.server.app import create_app
 from lipstream.stream.capacity import OVERHEAD_PRIOR_S, Capacity, Demand, Timing, calibrate
 from lipstream.stream.scheduler import Scheduler
 from server_helpers import server_settings, store_avatar
-from stream_helpers import CountingWarp, FakeNow, small_avatar
+from stream_helpers import CountingWarp, FakeNow, small_avatar, worker_held
 
 PX_720P = 1280 * 720
 
@@ -133,17 +132,17 @@ async def test_frames_that_cannot_be_ready_in_time_are_shed_before_the_engine():
     scheduler = Scheduler(engine, max_batch=16, max_wait_ms=0, capacity=capacity, now=now)
     scheduler.start()
     _, material = small_avatar()
-    rows = [take(material, [0])] * 4
 
     def cond(value: float):
         import torch
 
-        return torch.full((1, 3), value)
+        return torch.full((3,), value)
 
-    first = await scheduler.submit("a", rows[0], cond(0.5), deadline=now.t + 1)  # a batch: a service time
+    first = await scheduler.submit("a", material, 0, cond(0.5), deadline=now.t + 1)  # a batch: a service time
     assert first is not None
-    late = [scheduler.submit("a", rows[i], cond(0.1 * i), deadline=now.t - 0.01) for i in range(3)]
-    on_time = scheduler.submit("b", rows[3], cond(0.9), deadline=now.t + 1)
+    with worker_held(scheduler):
+        late = [scheduler.submit("a", material, 0, cond(0.1 * i), deadline=now.t - 0.01) for i in range(3)]
+        on_time = scheduler.submit("b", material, 0, cond(0.9), deadline=now.t + 1)
     results = await asyncio.gather(*late, on_time)
     assert results[:3] == [None, None, None] and results[3] is not None
     assert [call[:, 0].tolist() for call in engine.calls] == [[0.5], [pytest.approx(0.9)]], "shed frames cost nothing"

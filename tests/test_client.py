@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lipstream.bench.serve import free_port
-from lipstream.client import LipstreamClient
+from lipstream.client import LipstreamClient, decode_jpeg
 from lipstream.errors import (
     ApiKeyError,
     AudioFormatError,
@@ -45,7 +45,7 @@ async def test_speech_in_frames_with_their_audio_out(server):
         assert [a["name"] for a in await client.avatars()] == ["astronaut"]
         session = await client.open_session("astronaut")
         assert (session.width, session.height, session.fps) == (128, 128, 25)
-        assert session.hello["format"] == "LSF1"
+        assert session.hello["format"] == "LSP1"  # patch frames: the avatar's images once, then faces
         speech = np.round(speech_like(1.0) * 32767).astype(np.int16)
         for start in range(0, speech.size, 320):
             await session.push_audio(speech[start:start + 320])
@@ -56,7 +56,7 @@ async def test_speech_in_frames_with_their_audio_out(server):
         await session.aclose()  # idempotent
         assert await client.sessions() == []
     assert [f.index for f in frames] == list(range(frames[0].index, frames[0].index + len(frames)))
-    assert all(f.image.shape == (128, 128, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert all(f.image.shape == (128, 128, 3) and f.image.dtype == np.uint8 and f.jpeg is None for f in frames)
     spoken = [f for f in frames if f.speaking]
     assert spoken[0].events == ["speech_started"] and frames[-1].events == ["speech_ended"]
     audio = np.concatenate([f.audio for f in spoken])
@@ -67,10 +67,12 @@ async def test_speech_in_frames_with_their_audio_out(server):
 
 async def test_a_file_over_rest_and_an_interrupt(server):
     async with LipstreamClient(server.url, "k-default") as client:
-        session = await client.open_session("astronaut")
+        session = await client.open_session("astronaut", frames="jpeg")  # whole JPEG frames
+        assert session.hello["format"] == "LSF1"
         reply = await session.push_file(wav_bytes(speech_like(3.0)), end=True)
         assert reply["seconds"] == pytest.approx(3.0)
-        await frames_until(session, "speech_started")
+        started = await frames_until(session, "speech_started")
+        assert np.array_equal(started[-1].image, decode_jpeg(started[-1].jpeg))
         await session.interrupt()
         after = await frames_until(session, "interrupted")
         assert not after[-1].speaking and not after[-1].audio.any()

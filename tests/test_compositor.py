@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -68,16 +69,68 @@ def test_compose_rejects_wrong_faces(scene_avatar):
         Compositor(scene_avatar[0]).compose([0], torch.zeros(2, 256, 256, 3, dtype=torch.uint8))
 
 
+def test_patches_are_16_aligned_cover_the_changed_area_and_paste_into_the_frame(scene_avatar):
+    """A patch is the only part of a composited frame that differs from the avatar's own frame: at a
+    16-aligned origin, with at least 8 unchanged pixels around the change, one size for all frames."""
+    avatar, scenes = scene_avatar
+    comp = Compositor(avatar)
+    faces = torch.from_numpy(np.stack([s.face for s in scenes]))
+    patches = comp.patches([0, 1, 2], faces)
+    assert patches.shape == (3, *comp.patch_size, 3) and comp.patch_size[0] % 16 == comp.patch_size[1] % 16 == 0
+    for i, scene in enumerate(scenes):
+        patch = comp.patch(i, patches[i])
+        assert patch.x % 16 == 0 and patch.y % 16 == 0
+        whole = composite(scene.frame, scene.face, scene.face_box, scene.mask, scene.crop_box)
+        assert np.array_equal(patch.paste(comp.frame(i)), whole)
+        changed = np.argwhere((whole != scene.frame).any(axis=2))
+        (y1, x1), (y2, x2) = changed.min(0), changed.max(0)
+        h, w = patch.pixels.shape[:2]
+        assert patch.y + 8 <= y1 and y2 < patch.y + h - 8 and patch.x + 8 <= x1 and x2 < patch.x + w - 8
+
+
+@pytest.mark.parametrize("sharpen", [True, False])
+def test_the_torch_backend_gives_the_opencv_pixels(scene_avatar, sharpen):
+    """The GPU's compositing (one computation for a batch of patches), run here on the CPU: the same
+    pixels as OpenCV's, also for a mirrored cycle and at a scaled size."""
+    avatar, scenes = scene_avatar
+    faces = torch.from_numpy(np.stack([s.face for s in scenes]))
+    for size in (None, (180, 320)):
+        cv = Compositor(avatar, sharpen=sharpen, size=size)
+        tensors = Compositor(avatar, sharpen=sharpen, size=size, backend="torch")
+        got = tensors.patches([2, 0, 1, 5], torch.cat([faces[[2, 0, 1]], faces[2:]]))
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
+        assert np.array_equal(got.numpy(), cv.patches([2, 0, 1, 5], torch.cat([faces[[2, 0, 1]], faces[2:]])))
+        data = tensors.tensors()
+        assert data.masks.dtype == data.under.dtype == torch.uint8, "uint8 masks and frames"
+        assert data.under.shape == (3, *cv.patch_size, 3), "only the patches of the frames are resident"
+
+
+def test_a_scaled_compositor_composites_at_the_streamed_size(scene_avatar):
+    """Frames, boxes and masks scaled once; each face resized straight to its scaled box: close to
+    compositing at full size and scaling the result, at a quarter of the pixels."""
+    avatar, scenes = scene_avatar
+    faces = torch.from_numpy(np.stack([s.face for s in scenes]))
+    scaled = Compositor(avatar, size=(180, 320))
+    assert scaled.frame_size == (180, 320) and scaled.frame(1).shape == (180, 320, 3)
+    small = scaled.compose([0, 1, 2], faces)
+    full = Compositor(avatar).compose([0, 1, 2], faces)
+    reference = np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in full])
+    assert np.abs(small.astype(int) - reference.astype(int)).mean() < 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_compositor_matches_cpu(scene_avatar):
+    """On a GPU the patches are computed there (uint8 data resident, one computation per batch) and
+    come out as the CPU's."""
     avatar, scenes = scene_avatar
     faces = torch.from_numpy(np.stack([s.face for s in scenes]))
-    cpu = Compositor(avatar).compose([0, 1, 2], faces)
-    gpu = Compositor(avatar, "cuda").compose([0, 1, 2], faces.cuda())
-    assert gpu.device.type == "cuda"
+    cpu = Compositor(avatar).patches([0, 1, 2], faces)
+    cuda = Compositor(avatar, "cuda")
+    gpu = cuda.patches([0, 1, 2], faces.cuda())
+    assert gpu.device.type == "cuda" and cuda.tensors().under.device.type == "cuda"
     diff = np.abs(gpu.cpu().numpy().astype(int) - cpu.astype(int))
-    assert diff.max() <= 7 and (diff > 1).mean() < 0.005
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001
 
 
 def test_a_mirrored_cycle_keeps_only_its_first_half(scene_avatar):

@@ -125,23 +125,25 @@ def test_avatar_latents_reject_non_uint8_crops(engine):
         engine.avatar_latents(np.zeros((1, 256, 256, 3), dtype=np.float32))
 
 
-def test_bench_engine_runs_and_writes_json(engine, tmp_path, monkeypatch, capsys):
+def test_bench_engine_runs_and_writes_json(tmp_path, capsys):
+    """The engine bench with --tiny (the GPU pass's dry run): every batch, then a variant at the fastest."""
     from lipstream.bench import engine as bench_engine
 
-    monkeypatch.setattr(bench_engine, "random_musetalk", lambda device, dtype: engine.models)  # tiny, not full size
     parser = argparse.ArgumentParser()
     bench_engine.add_arguments(parser)
-    args = parser.parse_args(["--device", "cpu", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    args = parser.parse_args(["--device", "cpu", "--tiny", "--batches", "1", "2", "--at-best", "eager+channels_last",
+                              "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
     assert bench_engine.run(args) == 0
     out = capsys.readouterr().out
     assert "| fp32 | eager | 1 |" in out and "V100" in out
     doc = json.loads(next(tmp_path.glob("engine-*.json")).read_text())
-    assert doc["benchmark"] == "engine" and doc["settings"]["batches"] == [1]
-    row = doc["rows"][0]
-    assert (row["dtype"], row["variant"], row["batch"]) == ("fp32", "eager", 1)
-    assert row["frames_per_s"] > 0 and row["unet_ms"] > 0 and row["vae_decode_ms"] > 0
-    assert [r["variant"] for r in doc["rows"][1:]] == ["whisper encoder, 30 s window",
-                                                       "log-mel features (CPU), 30 s window"]
+    assert doc["benchmark"] == "engine" and doc["settings"]["batches"] == [1, 2] and doc["settings"]["tiny"]
+    rows = doc["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows[:2]] == [("eager", 1), ("eager", 2)]
+    best = max(rows[:2], key=lambda r: r["frames_per_s"])["batch"]
+    assert (rows[2]["variant"], rows[2]["batch"]) == ("eager+channels_last", best)
+    assert all(r["frames_per_s"] > 0 and r["unet_ms"] > 0 and r["vae_decode_ms"] > 0 for r in rows[:3])
+    assert [r["variant"] for r in rows[3:]] == ["whisper encoder, 30 s window", "log-mel features (CPU), 30 s window"]
 
 
 @pytest.mark.weights
@@ -205,7 +207,8 @@ def test_engine_interface_matches_faces(engine):
 
 
 def test_batches_pad_up_to_buckets_and_warmup_runs_each_bucket(engine, batch):
-    """A compiled engine sees only bucket sizes: a batch is padded (repeating its last frame) and cut back."""
+    """A compiled engine sees only bucket sizes: a batch is padded (repeating its last frame) and cut back.
+    Warm-up runs each bucket; an eager engine on the CPU runs one batch (on CUDA: every size, for cuDNN)."""
     bucketed = MuseTalkEngine(engine.models, batch_buckets=[4, 8])
     latents, audio = batch  # 2 frames -> run at 4
     faces = bucketed.faces(latents, audio)
@@ -217,10 +220,10 @@ def test_batches_pad_up_to_buckets_and_warmup_runs_each_bucket(engine, batch):
     bucketed.warmup(6)
     assert seen == [4, 8]
     assert bucketed._bucket(9) == 9, "past the last bucket a batch runs at its own size"
-    eager = MuseTalkEngine(engine.models)  # no buckets, so no warm-up work
+    eager = MuseTalkEngine(engine.models)
     eager._faces = lambda lat, aud: seen.append(lat.shape[0]) or run(lat, aud)
     eager.warmup(16)
-    assert eager.batch_buckets is None and seen == [4, 8]
+    assert eager.batch_buckets is None and seen == [4, 8, 1]
 
 
 def test_material_of_a_mirrored_cycle_encodes_its_first_half_only(engine):
@@ -236,3 +239,26 @@ def test_material_of_a_mirrored_cycle_encodes_its_first_half_only(engine):
     assert torch.equal(latents[0], latents[3]) and torch.equal(latents[1], latents[2])
     first_half = engine.avatar_latents(crops, generator=torch.Generator().manual_seed(0))
     assert torch.equal(latents[:2], first_half)
+
+
+def test_feature_passes_of_many_streams_share_one_encoder_call(engine):
+    """The device worker's feature passes: the streams' passes run as one encoder call over all their
+    segments, each stream getting what its own pass gives; one stream's failure is not the others'."""
+    speeches = [np.random.default_rng(seed).standard_normal(8000).astype(np.float32) * 0.1 for seed in range(3)]
+    batched = [engine.feature_stream() for _ in speeches]
+    alone = [engine.feature_stream() for _ in speeches]
+    calls = []
+    hook = engine.models.whisper_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        for start in range(0, 8000, 1600):  # 100 ms chunks
+            results = engine.feature_passes([(s, audio[start:start + 1600]) for s, audio in zip(batched, speeches)])
+            expected = [s.push(audio[start:start + 1600]) for s, audio in zip(alone, speeches)]
+            for got, want in zip(results, expected):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # each batched pass is one call over the three streams' segments, as many as the lone streams' calls
+        assert calls.count(3) >= 3 and calls.count(1) == 3 * calls.count(3) and len(calls) == 4 * calls.count(3)
+        batched[0].flush()  # done: its next push fails, and only its own result is the error
+        results = engine.feature_passes([(batched[0], speeches[0][:320]), (batched[1], None)])
+        assert isinstance(results[0], RuntimeError) and isinstance(results[1], torch.Tensor)
+    finally:
+        hook.remove()

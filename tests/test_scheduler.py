@@ -21,7 +21,7 @@ from stream_helpers import (
     speech,
     step,
     until,
-    voiced_speech,
+    worker_held,
 )
 
 pytestmark = pytest.mark.anyio
@@ -51,14 +51,17 @@ async def test_frames_of_several_sessions_share_one_generate_call_and_come_back_
     scheduler.start()
     _, material = small_avatar()
     states = {owner: mouth_states(4, seed) for seed, owner in enumerate("abc")}
-    futures = {(owner, j): scheduler.submit(owner, take(material, [j]), states[owner][j:j + 1], deadline=1e9 + j)
-               for owner in "abc" for j in range(4)}
-    faces = dict(zip(futures, await asyncio.gather(*futures.values())))
+    with worker_held(scheduler):
+        futures = {(owner, j): scheduler.submit(owner, material, j, states[owner][j], deadline=1e9 + j)
+                   for owner in "abc" for j in range(4)}
+    results = dict(zip(futures, await asyncio.gather(*futures.values())))
     assert [call.shape[0] for call in engine.calls] == [12], "one engine call for the 12 frames of 3 sessions"
-    for (owner, j), face in faces.items():
-        assert face.dtype == torch.uint8 and face.shape == (256, 256, 3)
+    for (owner, j), result in results.items():
+        face = result.image
+        assert isinstance(face, np.ndarray) and face.dtype == np.uint8 and face.shape == (256, 256, 3)
         alone = engine.generate(take(material, [j]), states[owner][j:j + 1])[0]
-        assert torch.equal(face, alone), f"frame {j} of session {owner} got another frame's face"
+        assert np.array_equal(face, alone.numpy()), f"frame {j} of session {owner} got another frame's face"
+        assert result.queued_s >= 0 and result.engine_s > 0 and result.composite_s >= 0
     assert scheduler.stats()["batches"] == 1 and scheduler.stats()["frames"] == 12
     await scheduler.aclose()
 
@@ -70,8 +73,8 @@ async def test_batches_are_bounded_and_earliest_deadline_first():
     _, material = small_avatar()
     states = mouth_states(10, seed=7)
     deadlines = np.random.default_rng(0).permutation(10).astype(float)
-    futures = [scheduler.submit(f"s{i}", take(material, [0]), states[i:i + 1], deadline=deadlines[i])
-               for i in range(10)]
+    with worker_held(scheduler):
+        futures = [scheduler.submit(f"s{i}", material, 0, states[i], deadline=deadlines[i]) for i in range(10)]
     await asyncio.gather(*futures)
     assert [call.shape[0] for call in engine.calls] == [4, 4, 2]
     served = torch.cat(engine.calls)
@@ -84,9 +87,10 @@ async def test_cancel_withdraws_an_owners_waiting_frames():
     scheduler = Scheduler(engine, max_batch=16, max_wait_ms=20)
     scheduler.start()
     _, material = small_avatar()
-    gone = [scheduler.submit("gone", take(material, [0]), mouth_states(1, i), 1.0) for i in range(3)]
-    kept = [scheduler.submit("kept", take(material, [1]), mouth_states(1, 9 + i), 2.0) for i in range(2)]
-    assert scheduler.cancel("gone") == 3 and scheduler.queue_depth == 2
+    with worker_held(scheduler):
+        gone = [scheduler.submit("gone", material, 0, mouth_states(1, i)[0], 1.0) for i in range(3)]
+        kept = [scheduler.submit("kept", material, 1, mouth_states(1, 9 + i)[0], 2.0) for i in range(2)]
+        assert scheduler.cancel("gone") == 3 and scheduler.queue_depth == 2
     await asyncio.gather(*kept)
     assert all(f.cancelled() for f in gone)
     assert [call.shape[0] for call in engine.calls] == [2]
@@ -99,18 +103,20 @@ async def test_composited_results_and_engine_failures():
     scheduler.start()
     avatar, material = small_avatar()
     compositor = Compositor(avatar)
-    failing = scheduler.submit("s", take(material, [2]), mouth_states(1, 0), 1.0, cycle=2, compositor=compositor)
+    failing = scheduler.submit("s", material, 2, mouth_states(1, 0)[0], 1.0, cycle=2, compositor=compositor)
     with pytest.raises(RuntimeError, match="device lost"):
         await failing
     state = mouth_states(1, 1)
-    frame = await scheduler.submit("s", take(material, [2]), state, 2.0, cycle=2, compositor=compositor)
+    result = await scheduler.submit("s", material, 2, state[0], 2.0, cycle=2, compositor=compositor)
     face = engine.generate(take(material, [2]), state)
-    assert isinstance(frame, np.ndarray) and frame.shape == (144, 256, 3)
-    assert np.array_equal(frame, compositor.compose([2], face)[0])
+    patch = result.image
+    assert isinstance(patch.pixels, np.ndarray) and (patch.x, patch.y) == compositor.origins[2]
+    assert patch.pixels.shape == (*compositor.patch_size, 3)
+    assert np.array_equal(patch.paste(compositor.frame(2)), compositor.compose([2], face)[0])
     assert scheduler.stats()["errors"] == 1 and scheduler.stats()["batches"] == 1
     await scheduler.aclose()
     with pytest.raises(RuntimeError, match="start"):
-        scheduler.submit("s", take(material, [2]), state, 3.0)
+        scheduler.submit("s", material, 2, state[0], 3.0)
 
 
 async def test_a_session_that_stops_reading_stalls_no_other_session():
@@ -140,24 +146,29 @@ async def test_a_session_that_stops_reading_stalls_no_other_session():
 
 
 async def test_frames_that_wait_while_the_engine_is_busy_go_in_one_batch():
-    """Three sessions speak at once; the engine is held on its first call. Everything submitted
-    meanwhile, from all three sessions, goes into the next call."""
+    """The engine is held on its first call (one frame); everything three sessions submit meanwhile
+    goes into the next call."""
     engine = GatedWarp()
-    now = FakeNow()
-    scheduler = Scheduler(engine, max_batch=32, max_wait_ms=0, now=now)  # the first frame goes at once
+    scheduler = Scheduler(engine, max_batch=32, max_wait_ms=0, now=FakeNow(0.0))  # the first frame goes at once
     scheduler.start()
-    sessions = [make_session(engine, scheduler, now) for _ in range(3)]
-    for i, session in enumerate(sessions):
-        session.push_audio(voiced_speech(0.4, seed=20 + i))
-        session.end_speech()
-    await until(lambda: all(s.stats()["frames_featured"] == 10 for s in sessions) and scheduler.queue_depth > 0)
+    _, material = small_avatar()
+    first = scheduler.submit("a", material, 0, mouth_states(1, 0)[0], 1.0)
+    await until(engine.entered.is_set)
+    others = [scheduler.submit(owner, material, j, mouth_states(1, 10 * k + j)[0], 2.0 + j)
+              for k, owner in enumerate("abc") for j in range(3)]
     engine.permits.release(100)
-    for session in sessions:
-        await session.settle()
-    sizes = [call.shape[0] for call in engine.calls]
-    assert len(sizes) == 2 and sum(sizes) == 30 and sizes[1] > 10, f"batches {sizes}: sessions not batched"
-    for session in sessions:
-        frames = [session.next_frame() for _ in range(12)]
-        assert sum(f.speaking for f in frames) == 10 and session.stats()["dropped_frames"] == 0
-        await session.aclose()
+    await asyncio.gather(first, *others)
+    assert [call.shape[0] for call in engine.calls] == [1, 9], "the waiting frames of all sessions in one call"
     await scheduler.aclose()
+
+
+def test_a_batch_takes_its_rows_of_several_avatars_materials_in_order():
+    """`gather`: one index per avatar's material, the rows in the batch's order."""
+    from lipstream.engines.base import concat, gather
+
+    _, material = small_avatar()
+    other = {key: value.flip(0) for key, value in material.items()}
+    rows = [(material, 2), (other, 0), (material, 0), (other, 3)]
+    batch = gather(rows, torch.device("cpu"))
+    expected = concat([take(m, [i]) for m, i in rows])
+    assert all(torch.equal(batch[key], expected[key]) for key in material)

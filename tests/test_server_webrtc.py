@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+import torch
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from lipstream.avatar.model import Avatar
@@ -265,3 +266,51 @@ def test_a_peer_that_never_connects_frees_its_session(tmp_path):
         while len(registry.for_tenant("")) != before:
             assert time.monotonic() < deadline, "hanging up did not close the kept session"
             time.sleep(0.1)
+
+
+def test_video_frames_are_the_cached_image_with_the_patch_converted_alone():
+    """What the video track gets for a speaking frame equals converting the whole frame to I420; an idle
+    frame is its image's cached planes."""
+    from lipstream.media.encoding import idle_images, to_i420, video_frame
+    from lipstream.stream.compositor import Compositor
+    from lipstream.stream.session import OutputFrame
+    from stream_helpers import small_avatar
+
+    avatar, material = small_avatar()
+    compositor = Compositor(avatar)
+    engine = WarpEngine()
+    faces = engine.generate({k: v[:2] for k, v in material.items()}, torch.tensor([[0.8, 0.3, 0.1], [0.5, 0.0, 0.6]]))
+    patches = compositor.patches([0, 1], faces)
+    for cycle, patch in ((0, compositor.patch(0, patches[0])), (1, compositor.patch(1, patches[1])), (2, None)):
+        frame = OutputFrame(7, 0.28, compositor.frame(cycle), np.zeros(640, np.int16), True, [], cycle, "a", 640,
+                            compositor, patch)
+        video = video_frame(frame)
+        assert video.format.name == "yuv420p" and video.pts == round(0.28 * 90000)
+        assert np.array_equal(video.to_ndarray(), to_i420(frame.image))
+    assert idle_images(compositor) is idle_images(compositor)
+
+
+def test_the_senders_encode_with_the_real_time_settings():
+    """aiortc's senders get VP8 at cpu-used 16 (no denoiser) and H.264 at preset ultrafast, one thread
+    each; audio codecs stay aiortc's."""
+    import av
+    from aiortc import rtcrtpsender
+    from aiortc.codecs.opus import OpusEncoder
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from lipstream.server import webrtc_codecs
+
+    assert rtcrtpsender.get_encoder is webrtc_codecs.realtime_encoder
+    frame = av.VideoFrame.from_ndarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8), format="bgr24")
+    frame = frame.reformat(format="yuv420p")
+    frame.pts, frame.time_base = 0, webrtc_codecs.fractions.Fraction(1, 90000)
+    for mime, cls, option in (("video/VP8", webrtc_codecs.RealtimeVp8Encoder, ("cpu-used", "16")),
+                              ("video/H264", webrtc_codecs.RealtimeH264Encoder, ("preset", "ultrafast"))):
+        encoder = rtcrtpsender.get_encoder(RTCRtpCodecParameters(mimeType=mime, clockRate=90000, payloadType=96))
+        assert isinstance(encoder, cls)
+        codec = encoder.new_codec(frame)
+        assert codec.options[option[0]] == option[1] and codec.thread_count == 1
+        payloads, _ = encoder.encode(frame, force_keyframe=True)
+        assert payloads and encoder.codec.width == 128
+    opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, payloadType=111, channels=2)
+    assert isinstance(rtcrtpsender.get_encoder(opus), OpusEncoder)

@@ -268,38 +268,86 @@ def test_a_musetalk_server_speaks_over_the_websocket(tmp_path, device):
         assert image.shape == (128, 128, 3)
 
 
-def test_jpeg_encoder_choice_on_the_cpu():
-    """CPU frames always go through OpenCV; asking for nvJPEG without it is refused at start."""
-
-    from lipstream.config import Settings
-    from lipstream.errors import SettingsError
-    from lipstream.media.encoding import encode_jpeg_cuda, frame_jpeg, nvjpeg_available
-    from lipstream.server.app import create_app
-
-    frame = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    for encoder in ("auto", "opencv", "nvjpeg"):
-        decoded = cv2.imdecode(np.frombuffer(frame_jpeg(frame, 32, 90, encoder), np.uint8), cv2.IMREAD_COLOR)
-        assert decoded.shape == (32, 48, 3)
-    with pytest.raises(ValueError, match="CUDA uint8"):
-        encode_jpeg_cuda(torch.from_numpy(frame))
-    if not nvjpeg_available():
-        with pytest.raises(SettingsError, match="jpeg_encoder=nvjpeg"):
-            create_app(Settings(jpeg_encoder="nvjpeg"))
+def receive_any(ws) -> str | wire.WireFrame | wire.PatchFrame | tuple[int, bytes]:
+    """The next message of a `frames=patches` connection: text, a patch frame, or (number, JPEG) of an image."""
+    message = ws.receive()
+    assert message["type"] == "websocket.send", message
+    if message.get("text") is not None:
+        return message["text"]
+    data = message["bytes"]
+    return wire.unpack_image(data) if data[:4] == wire.IMAGE_MAGIC else wire.unpack_patch_frame(data)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_nvjpeg_frames_decode_close_to_the_opencv_ones():
+def decode(jpeg: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
 
-    from lipstream.media.encoding import frame_jpeg, nvjpeg_available
 
-    if not nvjpeg_available():
-        pytest.skip("torchvision with nvJPEG is not installed")
-    frame = cv2.resize(np.random.default_rng(1).integers(0, 256, (45, 80, 3), dtype=np.uint8), (640, 360))
-    gpu = cv2.imdecode(np.frombuffer(frame_jpeg(torch.from_numpy(frame).cuda(), 180, 95), np.uint8), 1)
-    cpu = cv2.imdecode(np.frombuffer(frame_jpeg(frame, 180, 95, "opencv"), np.uint8), 1)
-    assert gpu.shape == cpu.shape == (180, 320, 3)
-    assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 3
+def test_patch_frames_send_each_image_once_and_only_the_face_per_speaking_frame(client):
+    """frames=patches: each image of the avatar comes once, before the first frame that shows it; an idle
+    frame is its image; a speaking frame draws its patch (16-aligned, its outer 8 px left out) over it,
+    the mouth moving, the patch meeting its image without a seam; far fewer bytes than whole JPEGs."""
+    sid = session(client, output_height=256)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default&frames=patches") as ws:
+        assert json.loads(receive_any(ws))["format"] == "LSP1"
+        ws.send_bytes(pcm16(speech(1.0)))
+        ws.send_text(json.dumps({"type": "end"}))
+        images, frames, events, shown = {}, [], [], []
+        while "speech_ended" not in events:
+            message = receive_any(ws)
+            if isinstance(message, str):
+                events.append(json.loads(message)["type"])
+            elif isinstance(message, tuple):
+                assert message[0] not in images, "an image is sent once"
+                images[message[0]] = decode(message[1])
+            else:
+                assert message.image in images, "a frame's image comes before it"
+                frames.append(message)
+                frame = images[message.image].copy()
+                if message.draw[2]:
+                    x, y, (dx, dy, dw, dh) = *message.at, message.draw
+                    patch = decode(message.patch)
+                    assert x % 16 == 0 and y % 16 == 0 and dx >= x and dy >= y
+                    part = patch[dy - y:dy - y + dh, dx - x:dx - x + dw]
+                    assert part.shape == (dh, dw, 3)
+                    ring = np.ones((dh, dw), bool)
+                    ring[2:-2, 2:-2] = False  # the drawn part's edge: unchanged pixels, as the image has them
+                    seam = np.abs(part.astype(int) - frame[dy:dy + dh, dx:dx + dw].astype(int))[ring]
+                    assert seam.mean() < 3
+                    frame[dy:dy + dh, dx:dx + dw] = part
+                shown.append(frame)
+            assert len(frames) < 300, "no speech_ended within 12 s"
+    assert all(image.shape == (256, 256, 3) for image in images.values())
+    speaking = [i for i, f in enumerate(frames) if f.speaking]
+    assert all(not f.draw[2] and f.patch == b"" for f in frames if not f.speaking)
+    assert sum(frames[i].draw[2] > 0 for i in speaking) > len(speaking) / 2
+    idle = shown[0]
+    changed = [int((np.abs(shown[i].astype(int) - idle.astype(int)) > 24).sum()) for i in speaking]
+    assert sum(c > 100 for c in changed) > len(speaking) / 3, "the mouth moves while speaking"
+    whole = np.mean([len(cv2.imencode(".jpg", shown[i], [cv2.IMWRITE_JPEG_QUALITY, 90])[1]) for i in speaking])
+    assert np.mean([len(frames[i].patch) for i in speaking]) < whole / 3
+
+
+def test_an_unknown_frame_format_is_refused(client):
+    sid = session(client)
+    with client.websocket_connect(f"/api/sessions/{sid}/ws?key=k-default&frames=png") as ws:
+        message = ws.receive()
+    assert message["type"] == "websocket.close" and message["code"] == 4400 and "patches" in message["reason"]
+
+
+def test_wire_patch_messages_round_trip():
+    audio = np.arange(-320, 320, dtype=np.int16)
+    data = wire.pack_patch_frame(9, 0.36, True, audio, 3, (32, 48), (40, 56, 100, 80), b"\xff\xd8patch")
+    assert len(data) == wire.PATCH_HEADER.size + 2 * 640 + 7 and data[:4] == b"LSP1"
+    frame = wire.unpack_patch_frame(data)
+    assert (frame.index, frame.pts, frame.speaking, frame.image, frame.at, frame.draw, frame.patch) == \
+        (9, 0.36, True, 3, (32, 48), (40, 56, 100, 80), b"\xff\xd8patch")
+    assert np.array_equal(frame.audio, audio)
+    assert wire.unpack_image(wire.pack_image(5, b"jpeg")) == (5, b"jpeg")
+    for bad in (data[:-1], wire.pack_image(5, b"jpeg")):
+        with pytest.raises(ValueError):
+            wire.unpack_patch_frame(bad)
+    assert wire.draw_rect(0, 32, 64, 48, (256, 320), 8) == (0, 40, 56, 32)  # the frame's left edge: no margin
+    assert wire.draw_rect(256, 208, 64, 48, (256, 320), 8) == (264, 216, 56, 40)  # right and bottom edges
 
 
 def test_the_avatar_changes_at_the_next_frame_over_rest_or_a_message_without_dropping_the_connection(client):

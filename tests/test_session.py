@@ -427,3 +427,37 @@ async def test_opening_and_closing_100_sessions_leaves_nothing_behind(scheduler,
     stats = scheduler.stats()
     assert stats["queue_depth"] == 0 and stats["composing"] == 0 and not scheduler._heap
     assert grown < 256 * 1024, f"memory grew by {grown} bytes over 100 sessions"
+
+
+async def test_the_first_frame_says_where_its_time_went(scheduler, now):
+    """An utterance's first frame: how long it waited for audio, its features, its batch's queue, the
+    engine, compositing and the frame clock; a transport adds its encoding and sending."""
+    session = make_session(scheduler.engine, scheduler, now)
+    session.push_audio(voiced_speech(0.04, seed=3))
+    now.t += 0.1  # frame 0 needs more audio: it comes 100 ms later
+    session.push_audio(voiced_speech(0.6, seed=4))
+    session.end_speech()
+    frames = [await step(session, now) for _ in range(8)]
+    first = next(f for f in frames if "speech_started" in f.events)
+    stages = session.stats()["first_frame_stages_ms"]
+    assert set(stages) == {"audio_wait", "features", "queue", "engine", "composite", "show"}
+    assert stages["audio_wait"] == pytest.approx(100) and stages["engine"] > 0 and stages["composite"] > 0
+    session.record_delivery(first.index + 1, 0.5, 0.5)  # not the first frame: not kept
+    session.record_delivery(first.index, 0.003, 0.001)
+    assert session.stats()["first_frame_stages_ms"]["encode"] == pytest.approx(3)
+    assert "encode" not in stages, "stats hand out a copy"
+    await session.aclose()
+
+
+async def test_an_utterance_starts_late_enough_for_its_stream_to_keep_pace(scheduler, now):
+    """A stream that emits frames in groups asks for a lead (`start_lead_s`): the utterance's first
+    frame is planned that much later, the idle cycle playing on meanwhile, and no frame is dropped."""
+    session = make_session(scheduler.engine, scheduler, now)
+    session._stream.start_lead_s = lambda received: 0.2  # five frames at 25 fps
+    session.push_audio(voiced_speech(0.6, seed=5))
+    session.end_speech()
+    frames = [await step(session, now) for _ in range(12)]
+    first = next(i for i, f in enumerate(frames) if "speech_started" in f.events)
+    assert first >= 5 and not any(f.speaking for f in frames[:first])
+    assert session.stats()["dropped_frames"] == session.stats()["held_frames"] == 0
+    await session.aclose()

@@ -1,5 +1,7 @@
 """An asyncio client of a lipstream server: sessions over its REST API, speech in and frames out over
-the session's WebSocket (messages packed and unpacked by `lipstream.server.wire`).
+the session's WebSocket (messages packed and unpacked by `lipstream.server.wire`). Frames come as
+patches by default (the avatar's images once, then per frame only its face: the cheapest for the
+server and the network); `frames="jpeg"` asks for a whole JPEG per frame.
 
     async with LipstreamClient("http://localhost:2160", api_key=key) as client:
         session = await client.open_session("astronaut")    # POST /api/sessions, then its WebSocket
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +52,10 @@ from lipstream.server import wire
 from lipstream.stream.pcm import to_pcm16
 
 Color = Literal["rgb", "bgr"]
+FrameFormat = Literal["patches", "jpeg"]
 DEFAULT_TIMEOUT_S = 10.0
 READY_POLL_S = 0.2
+DECODED_IMAGES = 16  # of a patch-frames connection, the last images decoded, kept for the frames that follow
 
 
 @dataclass
@@ -59,7 +64,7 @@ class AvatarFrame:
 
     index: frame number since the session started; pts: index / fps, seconds.
     image: uint8 [H, W, 3] in the order asked for (RGB by default), or None when not decoded.
-    jpeg: the frame as the server sent it (None for in-process sessions).
+    jpeg: the frame as the server sent it, whole (None for in-process sessions and for patch frames).
     audio: int16 [n] mono 16 kHz, the samples that play during this frame (zeros when idle).
     speaking: an utterance is playing. events: "speech_started", "speech_ended", "interrupted" at
     this frame. errors: what the server answered to client messages since the last frame (e.g. a
@@ -197,12 +202,12 @@ class LipstreamClient:
         return reply.json()
 
     async def open_session(self, avatar: str, *, fps: int | None = None, engine: str = "auto",
-                           output_height: int | None = None) -> RemoteSession:
-        """`create_session`, then connect its WebSocket: a session ready for speech and frames. If the
-        connection fails, the session is closed again."""
+                           output_height: int | None = None, frames: FrameFormat = "patches") -> RemoteSession:
+        """`create_session`, then connect its WebSocket (`frames`: see `connect`): a session ready for
+        speech and frames. If the connection fails, the session is closed again."""
         info = await self.create_session(avatar, fps=fps, engine=engine, output_height=output_height)
         try:
-            return await self.connect(info)
+            return await self.connect(info, frames=frames)
         except BaseException:
             try:
                 await self.close_session(info["id"])
@@ -210,11 +215,13 @@ class LipstreamClient:
                 pass
             raise
 
-    async def connect(self, info: dict) -> RemoteSession:
+    async def connect(self, info: dict, *, frames: FrameFormat = "patches") -> RemoteSession:
         """Connect the WebSocket of a session made by `create_session` (its reply: "ws", a path on this
-        server, or the URL of the server that holds the session); waits for the server's hello. Raises
-        ServerUnreachableError, ApiKeyError, SessionNotFoundError, SessionBusyError."""
-        ws_url = websocket_url(self.url, info)
+        server, or the URL of the server that holds the session); waits for the server's hello. frames:
+        "patches" (the avatar's images once, then each frame's face patch) or "jpeg" (a whole JPEG per
+        frame; `AvatarFrame.jpeg`). Raises ServerUnreachableError, ApiKeyError, SessionNotFoundError,
+        SessionBusyError."""
+        ws_url = websocket_url(self.url, info) + f"?frames={frames}"
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
         try:
             ws = await connect(ws_url, additional_headers=headers, max_size=None, open_timeout=self.timeout_s)
@@ -232,6 +239,12 @@ class LipstreamClient:
             raise
         session.hello = hello
         return session
+
+    async def offer(self, session_id: str, sdp: str) -> dict:
+        """Answer a WebRTC offer for the session (its SDP): {"sdp", "type": "answer"}. The session's
+        video and audio then go to that peer; its data channel carries the WebSocket's messages."""
+        return (await self._request("POST", f"/api/sessions/{session_id}/offer",
+                                    json={"sdp": sdp, "type": "offer"})).json()
 
     async def sessions(self) -> list[dict]:
         return (await self._request("GET", "/api/sessions")).json()["sessions"]
@@ -313,6 +326,7 @@ class RemoteSession:
         self.hello: dict = {}
         self._ws = ws
         self._closed = False
+        self._images = _Images()  # of a patch-frames connection: they come once, for every frames() call
 
     async def push_audio(self, samples: np.ndarray) -> None:
         """Speech: int16 [n], or float32 [n] in [-1, 1], mono 16 kHz, any length (appended to the
@@ -341,10 +355,11 @@ class RemoteSession:
 
     async def frames(self, color: Color | None = "rgb") -> AsyncIterator[AvatarFrame]:
         """The session's frames as the server sends them (in real time), each image decoded (on a
-        worker thread) to `color` order, or left as JPEG with color=None. Ends when `aclose()` is
+        worker thread) to `color` order, or not decoded with color=None. Ends when `aclose()` is
         called; SessionClosedError when the server closes the session."""
         events: list[str] = []
         problems: list[LipstreamError] = []
+        images = self._images
         while True:
             try:
                 message = await _receive(self._ws, self.id)
@@ -358,13 +373,24 @@ class RemoteSession:
                     problems.append(_server_error(event))
                 elif event.get("type") != "pong":
                     events.append(event["type"])
+                    if event["type"] == "avatar_changed":
+                        images.clear()
                 continue
             try:
-                frame = wire.unpack_frame(message)
-            except ValueError as exc:
+                if message[:4] == wire.IMAGE_MAGIC:
+                    images.add(*wire.unpack_image(message))
+                    continue
+                if message[:4] == wire.PATCH_MAGIC:
+                    frame = wire.unpack_patch_frame(message)
+                    image = None if color is None else await asyncio.to_thread(images.frame, frame, color)
+                    jpeg = None
+                else:
+                    frame = wire.unpack_frame(message)
+                    image = None if color is None else await asyncio.to_thread(decode_jpeg, frame.jpeg, color)
+                    jpeg = frame.jpeg
+            except (ValueError, KeyError) as exc:
                 raise ServerReplyError(f"session {self.id}: a binary message is not a frame ({exc})") from exc
-            image = None if color is None else await asyncio.to_thread(decode_jpeg, frame.jpeg, color)
-            yield AvatarFrame(frame.index, frame.pts, frame.speaking, frame.audio, image, frame.jpeg, events, problems)
+            yield AvatarFrame(frame.index, frame.pts, frame.speaking, frame.audio, image, jpeg, events, problems)
             events, problems = [], []
 
     async def aclose(self) -> None:
@@ -386,6 +412,39 @@ class RemoteSession:
             await self._ws.send(message)
         except ConnectionClosed as exc:
             raise _closed_error(exc, self.id) from exc
+
+
+class _Images:
+    """The avatar's images of a patch-frames connection: their JPEGs as sent, the last few decoded."""
+
+    def __init__(self):
+        self._jpegs: dict[int, bytes] = {}
+        self._decoded: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+
+    def clear(self) -> None:
+        self._jpegs.clear()
+        self._decoded.clear()
+
+    def add(self, number: int, jpeg: bytes) -> None:
+        self._jpegs[number] = jpeg
+        for key in [key for key in self._decoded if key[0] == number]:
+            del self._decoded[key]
+
+    def frame(self, frame: wire.PatchFrame, color: Color) -> np.ndarray:
+        """The whole frame: its image with its patch drawn (a new array). KeyError for an image not sent."""
+        key = (frame.image, color)
+        if key not in self._decoded:
+            self._decoded[key] = decode_jpeg(self._jpegs[frame.image], color)
+            if len(self._decoded) > DECODED_IMAGES:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(key)
+        image = self._decoded[key].copy()
+        x, y = frame.at
+        dx, dy, dw, dh = frame.draw
+        if dw and dh:
+            patch = decode_jpeg(frame.patch, color)
+            image[dy:dy + dh, dx:dx + dw] = patch[dy - y:dy - y + dh, dx - x:dx - x + dw]
+        return image
 
 
 async def _receive(ws: ClientConnection, session_id: str) -> str | bytes:

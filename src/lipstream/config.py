@@ -70,10 +70,6 @@ class Settings(BaseModel):
     max_batch: int = Field(16, ge=1, description="most frames in one engine call (all sessions of a device together)")
     max_wait_ms: float = Field(4.0, ge=0, description="longest a frame waits for others to fill a batch")
     jpeg_quality: int = Field(80, ge=1, le=100, description="JPEG quality of WebSocket frames (1-100)")
-    jpeg_encoder: Literal["auto", "opencv", "nvjpeg"] = Field(
-        "auto", description='JPEG encoder of WebSocket frames; "auto": nvJPEG on the GPU for CUDA sessions when '
-                            'torchvision has it, else OpenCV on the CPU; "nvjpeg": required (an error at start '
-                            'without it)')
     video_codec: Literal["auto", "h264", "vp8"] = Field(
         "auto", description='WebRTC video codec to prefer; "auto": what the browser offers first')
     ice_servers: list[str] = Field(default_factory=list, description="STUN/TURN URLs for WebRTC, e.g. "

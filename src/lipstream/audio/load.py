@@ -22,10 +22,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
-import soxr
 
 from lipstream.errors import (
     AudioDecodeError,
@@ -36,6 +35,12 @@ from lipstream.errors import (
     NoAudioStreamError,
     shorten,
 )
+
+if TYPE_CHECKING:
+    import av
+
+# PyAV and soxr are imported where they are used: what needs no decoding (the constants, PCM
+# conversion) imports without them.
 
 SAMPLE_RATE = 16000  # the rate of all audio inside lipstream (MuseTalk's, whisper's)
 SOXR_QUALITY = "HQ"
@@ -112,6 +117,8 @@ def _open_source(source: AudioSource, name: str | None) -> tuple[str | io.BytesI
 
 @contextlib.contextmanager
 def _decode_errors(label: str) -> Iterator[None]:
+    import av
+
     try:
         yield
     except av.error.FFmpegError as exc:
@@ -130,6 +137,8 @@ def _decoded(file: str | io.BytesIO, label: str, max_seconds: float | None) -> I
     frame's rate and channel layout. A stream that declares more than `max_seconds`, or a rate above
     MAX_SOURCE_RATE, is refused before anything is decoded; one that decodes to more than
     `max_seconds` (a false declaration) is refused as soon as it has."""
+    import av
+
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
             found = ", ".join(f"{s.type} ({s.codec_context.name})" for s in container.streams) or "nothing"
@@ -172,6 +181,8 @@ def _check_rate(rate: int, label: str) -> None:
 def _check_declared(stream: av.audio.stream.AudioStream, container: av.container.InputContainer, label: str,
                     max_seconds: float | None) -> None:
     """Refuse, before decoding, a stream whose declared rate or duration is over the limits."""
+    import av
+
     if stream.codec_context.sample_rate:
         _check_rate(stream.codec_context.sample_rate, label)
     if max_seconds is None:
@@ -191,6 +202,8 @@ class _Resampler:
     the whole signal at once), with librosa's output length: ceil(n * 16000 / rate)."""
 
     def __init__(self, rate: int):
+        import soxr
+
         self.rate = rate
         self.samples_in = 0
         self._stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
@@ -216,6 +229,8 @@ def _too_long(label: str, max_seconds: float | None, declared: str = "") -> Audi
 
 def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     """float32 [n] mono at `rate` -> float32 [ceil(n*16000/rate)] at 16 kHz (soxr HQ, librosa's length)."""
+    import soxr
+
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     if rate == SAMPLE_RATE:
         return samples
@@ -282,12 +297,16 @@ class PcmStream:
         self._started = False
 
     def _new_resampler(self) -> av.AudioResampler | None:
+        import av
+
         if self.sample_rate == SAMPLE_RATE:
             return None
         return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
     def push(self, data: bytes) -> np.ndarray:
         """One chunk of PCM16 LE bytes -> float32 [n] at 16 kHz (n may be 0)."""
+        import av
+
         data = self._pending + data
         whole = len(data) - len(data) % (2 * self.channels)
         self._pending = data[whole:]
@@ -321,6 +340,8 @@ class PcmStream:
 def resampler_delay(sample_rate: int) -> int:
     """16 kHz samples PcmStream's resampler holds back from `sample_rate` until the stream's end (16 for
     the usual TTS and microphone rates, 32 from 8 kHz); 0 at 16 kHz. Measured on one second of silence."""
+    import av
+
     if sample_rate == SAMPLE_RATE:
         return 0
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ LATENT_BATCH = 16
 # None when not known in advance (a video's frame count may be)
 STAGES = ("frames", "faces", "latents", "saving")
 Progress = Callable[[str, int, int | None], None]
+DeviceCall = Callable[..., Any]  # device_call(fn, *args) -> fn(*args), run where the device's work runs
 LATENT_SEED = 0  # the VAE samples its posterior (as MuseTalk caches it): seeded, so re-preparing is reproducible
 
 
@@ -48,7 +50,7 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
                    max_seconds: float | None = DEFAULT_MAX_SECONDS, overwrite: bool = False,
                    latents: bool | None = None, vae=None, models_root: str | os.PathLike | None = None,
                    device: torch.device | str | None = None, progress: bool | Progress = True,
-                   source_name: str | None = None) -> Avatar:
+                   source_name: str | None = None, device_call: DeviceCall | None = None) -> Avatar:
     """Prepare avatar `name` from exactly one of `video` and `image`, store it and return it.
 
     fps: the rate the cycle plays at (the video's own rate is not used, as in MuseTalk).
@@ -57,6 +59,8 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
       computes them when `vae` is given or the weights are under `models_root`.
     vae: a loaded AutoencoderKL (e.g. `engine.models.vae`); else it is loaded from `models_root`
       onto `device` (default cuda if available).
+    device_call: how to run the latents' VAE work, batch by batch: device_call(fn, *args) -> fn(*args)
+      where `vae`'s device work runs (a server passes its device worker's; default: here).
     progress: True shows a progress bar per stage; a function is called as progress(stage, done, total)
       instead, through every stage of `STAGES` to the end: "frames" (decoding and landmarks; total:
       the frame count, or None when unknown), "faces" (boxes, blend masks and crops), "latents"
@@ -80,7 +84,7 @@ def prepare_avatar(name: str, *, video: str | os.PathLike | None = None, image: 
         frames, points = _read_and_detect(source, writer, report)
         avatar = _assemble(name, tenant, frames, points, source, fps, report)
         if vae is not None:
-            avatar.latents = _latents(vae, avatar.crops[: len(avatar) // 2], report)
+            avatar.latents = _latents(vae, avatar.crops[: len(avatar) // 2], report, device_call)
         manifest = base_manifest(name, tenant, fps, _describe(source, len(avatar) // 2),
                                  avatar.meta["faceless_frames"])
         with report.stage("saving", None, "file") as advance:
@@ -221,19 +225,24 @@ def _assemble(name: str, tenant: str, decoded: _CycleFrames, points: list[np.nda
                       fps=float(fps), meta={"faceless_frames": faceless})
 
 
-def _latents(vae, crops: np.ndarray, report: _Stages) -> torch.Tensor:
+def _latents(vae, crops: np.ndarray, report: _Stages, device_call: DeviceCall | None) -> torch.Tensor:
     """[N, 8, 32, 32] of the N source crops -> the 2N cycle, fp16 on the CPU (MuseTalk's latents.pt)."""
-    from lipstream.models.latents import avatar_latents
-
     generator = torch.Generator(vae.device).manual_seed(LATENT_SEED)
+    run = device_call or (lambda fn, *args: fn(*args))
     out = []
     with report.stage("latents", len(crops), "frame") as advance:
         for start in range(0, len(crops), LATENT_BATCH):
-            out.append(avatar_latents(vae, crops[start:start + LATENT_BATCH], generator=generator,
-                                      batch_size=LATENT_BATCH).to("cpu", torch.float16))
+            out.append(run(_latent_batch, vae, crops[start:start + LATENT_BATCH], generator))
             advance(min(start + LATENT_BATCH, len(crops)))
     latents = torch.cat(out)
     return torch.cat([latents, latents.flip(0)])
+
+
+def _latent_batch(vae, crops: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """One batch of latents, fp16 on the CPU."""
+    from lipstream.models.latents import avatar_latents
+
+    return avatar_latents(vae, crops, generator=generator, batch_size=LATENT_BATCH).to("cpu", torch.float16)
 
 
 def _describe(source: FaceSource, frames: int) -> dict:

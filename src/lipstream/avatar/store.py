@@ -309,15 +309,16 @@ class AvatarCache:
 
     def get(self, name: str, tenant: str | None = None) -> Avatar:
         """The avatar, loaded if it is not (AvatarNotFoundError, AvatarNameError, AvatarCorruptError)."""
-        return self._get(name, tenant, None, None)[0]
+        return self._get(name, tenant, None)[0]
 
-    def get_derived(self, name: str, tenant: str | None, tag: Hashable,
-                    make: Callable[[Avatar], T]) -> tuple[Avatar, T]:
-        """(avatar, make(avatar)): `make` runs once per loaded avatar and tag (under the avatar's lock, so
-        two first requests do not both make it); its result is kept with the avatar and unloaded with it."""
-        return self._get(name, tenant, tag, make)
+    def get_derived(self, name: str, tenant: str | None, makes: dict[Hashable, Callable[[Avatar], Any]]
+                    ) -> tuple[Avatar, dict[Hashable, Any]]:
+        """(avatar, {tag: make(avatar)}), all from the same loaded avatar: each `make` runs once per
+        loaded avatar and tag (under the avatar's lock, so two first requests do not both make it); its
+        result is kept with the avatar and unloaded with it."""
+        return self._get(name, tenant, makes)
 
-    def _get(self, name: str, tenant: str | None, tag: Hashable, make: Callable[[Avatar], Any] | None):
+    def _get(self, name: str, tenant: str | None, makes: dict[Hashable, Callable[[Avatar], Any]] | None):
         tenant = clean_tenant(tenant)
         folder = avatar_dir(name, tenant, self.root)
         key = (tenant, clean_name(name))
@@ -345,11 +346,12 @@ class AvatarCache:
                             self._drop(key, slot)
                         raise
                     slot.stamp, slot.avatar, slot.nbytes, slot.derived = stamp, avatar, avatar.nbytes, {}
-                if make is None:
+                if makes is None:
                     return slot.avatar, None
-                if tag not in slot.derived:
-                    slot.derived[tag] = make(slot.avatar)
-                return slot.avatar, slot.derived[tag]
+                for tag, make in makes.items():
+                    if tag not in slot.derived:
+                        slot.derived[tag] = make(slot.avatar)
+                return slot.avatar, {tag: slot.derived[tag] for tag in makes}
 
     def evict(self, name: str, tenant: str | None = None) -> None:
         """Forget the avatar: the next `get` loads it again. Never waits for a load in progress (that

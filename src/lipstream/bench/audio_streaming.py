@@ -56,19 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _start_placement_class():
     """StreamingFeatures with the context moved to the start of the 30 s input (the alternative)."""
 
-    from lipstream.audio.features import STEP_SAMPLES, num_whisper_steps
-    from lipstream.audio.streaming import StreamingFeatures
+    from lipstream.audio.features import STEP_SAMPLES, num_whisper_steps, segment_mels
+    from lipstream.audio.streaming import FeaturePass, StreamingFeatures
 
     class StartPlacement(StreamingFeatures):
         def _context_start(self, first_frame: int, end: int) -> int:
             start = super()._context_start(first_frame, end)
             return start - start % STEP_SAMPLES  # whole steps, so encoder steps map to offline steps
 
-        def _encode(self, first: int, last: int, end: int) -> tuple[int, torch.Tensor]:
-            start = self._context_start(first, end)
-            offset = start // STEP_SAMPLES
-            audio = self._audio.read(start, end)
-            return offset, self._run_encoder(audio)[:num_whisper_steps(end) - offset]
+        def _plan_encoder(self, feature_pass: FeaturePass) -> None:
+            start = self._context_start(feature_pass.first, feature_pass.end)
+            feature_pass.offset = start // STEP_SAMPLES
+            feature_pass.mels = segment_mels(self._audio.read(start, feature_pass.end), self.feature_extractor)
+            feature_pass.keep = num_whisper_steps(feature_pass.end) - feature_pass.offset
 
     return StartPlacement
 
@@ -88,9 +88,10 @@ def _stream(streamer, audio: np.ndarray, lead: int,
     for begin in range(lead, audio.shape[0], chunk):
         passes = streamer.passes
         out = streamer.push(audio[begin:begin + chunk])
-        grid_end = streamer.samples_received - streamer.samples_received % streamer.step_samples
         first = streamer.frames_emitted - out.shape[0]
-        delays += [(grid_end - (f + 1) * 16000 / fps) / 16 for f in range(first, streamer.frames_emitted)]
+        pass_end = streamer.first_pass_samples if first == 0 and out.shape[0] else \
+            streamer.samples_received - streamer.samples_received % streamer.step_samples
+        delays += [(pass_end - (f + 1) * 16000 / fps) / 16 for f in range(first, streamer.frames_emitted)]
         if streamer.passes > passes:
             pass_seconds.append(streamer.last_pass_seconds)
         pieces.append(out)

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=None,
                         help=f"MODE[+channels_last], MODE in {', '.join(MODES)} "
                              f"(default: {' '.join(GPU_VARIANTS)} on CUDA, eager on CPU)")
+    parser.add_argument("--at-best", nargs="+", default=[], metavar="VARIANT",
+                        help="variants to run only at the batch size where the others ran fastest (e.g. "
+                             "cudagraphs, whose every batch size compiles for a minute or more)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny networks of the same architecture: a dry run of every path, figures meaningless")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 20 on CUDA, 2 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: 3 on CUDA, 1 on CPU)")
     parser.add_argument("--out-dir", default=None, help="where to write the JSON (default bench/results)")
@@ -62,12 +67,14 @@ def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) 
     return module
 
 
-def random_musetalk(device: torch.device, dtype: torch.dtype):
-    """Full-size MuseTalk networks with random weights, as `MuseTalkModels` on device/dtype."""
+def random_musetalk(device: torch.device, dtype: torch.dtype, *, tiny: bool = False):
+    """Full-size MuseTalk networks with random weights, as `MuseTalkModels` on device/dtype (tiny: the
+    `lipstream.models.tiny` sizes, for a dry run)."""
     import torch
     from diffusers import AutoencoderKL
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
+    from lipstream.models import tiny as small
     from lipstream.models.load import MuseTalkModels
     from lipstream.models.placement import for_inference
     from lipstream.models.positional import PositionalEncoding
@@ -76,9 +83,9 @@ def random_musetalk(device: torch.device, dtype: torch.dtype):
     from lipstream.models.whisper import WHISPER_TINY_CONFIG
 
     with torch.device("meta"):
-        unet = build_unet(MUSETALK_UNET_CONFIG)
-        vae = AutoencoderKL(**SD_VAE_CONFIG)
-        encoder = WhisperModel(WhisperConfig(**WHISPER_TINY_CONFIG)).encoder
+        unet = build_unet(small.TINY_UNET_CONFIG if tiny else MUSETALK_UNET_CONFIG)
+        vae = AutoencoderKL(**(small.TINY_VAE_CONFIG if tiny else SD_VAE_CONFIG))
+        encoder = WhisperModel(WhisperConfig(**(small.TINY_WHISPER_CONFIG if tiny else WHISPER_TINY_CONFIG))).encoder
     return MuseTalkModels(
         unet=_random_(unet, device, dtype), vae=_random_(vae, device, dtype),
         whisper_encoder=_random_(encoder, device, dtype), feature_extractor=WhisperFeatureExtractor(),
@@ -206,28 +213,32 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lipstream.models.placement import resolve_device
+    from lipstream.stream.device import configure_backends
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     batches = args.batches or (GPU_BATCHES if cuda else [1])
     dtype_names = args.dtypes or (["fp16", "bf16"] if cuda else ["fp32"])
     variants = args.variants or (GPU_VARIANTS if cuda else ["eager"])
-    for v in variants:
+    for v in [*variants, *args.at_best]:
         _parse_variant(v)
     reps = args.reps or (20 if cuda else 2)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device)  # the server's flags
 
     rows: list[dict] = []
     attention = None
     for name in dtype_names:
         print(f"building full-size networks ({name}) on {device} ...", flush=True)
-        models = random_musetalk(device, getattr(torch, DTYPES[name]))
+        models = random_musetalk(device, getattr(torch, DTYPES[name]), tiny=args.tiny)
         attention = type(next(iter(models.unet.attn_processors.values()))).__name__
         for variant in variants:
             rows += _engine_rows(models, name, variant, batches, reps, warmup)
+        timed = [r for r in rows if r["dtype"] == name and "frames_per_s" in r]
+        if args.at_best and timed:
+            best = max(timed, key=lambda r: r["frames_per_s"])["batch"]
+            for variant in args.at_best:
+                rows += _engine_rows(models, name, variant, [best], reps, warmup)
         rows += _whisper_rows(models, name, reps, warmup)
         del models
         if cuda:
@@ -240,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
                         "peak GiB", "first call s"], table))
     print("\n".join(_verdicts(rows, cuda)))
 
-    settings = {"batches": batches, "dtypes": dtype_names, "variants": variants, "reps": reps, "warmup": warmup,
+    settings = {"batches": batches, "dtypes": dtype_names, "variants": variants, "at_best": args.at_best,
+                "tiny": args.tiny, "reps": reps, "warmup": warmup,
                 "attention_processor": attention, "torch_threads": torch.get_num_threads(),
                 "cudnn_benchmark": torch.backends.cudnn.benchmark, "cpu": device_name("cpu"),
                 "baselines_fps": dict(BASELINES),

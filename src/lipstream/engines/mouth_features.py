@@ -168,6 +168,10 @@ class MouthFeatureStream:
         self._state = np.zeros(len(MOUTH_PARAMS))
         self._flushed = False
 
+    def start_lead_s(self, received: int) -> float:
+        """0: each frame comes out one frame of audio after its own, at the pace frames are shown."""
+        return 0.0
+
     def push(self, samples: np.ndarray) -> torch.Tensor:
         """samples: float32 [n] in [-1, 1] or int16 [n], mono 16 kHz. Returns float32 [k, 3]."""
         if self._flushed:

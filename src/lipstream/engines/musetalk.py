@@ -2,9 +2,11 @@
 
     latents [B, 8, 32, 32] + audio [B, 50, 384] --(+PE)--> UNet(t=0) -> [B, 4, 32, 32]
     --(x (1 / scaling factor), as MuseTalk)--> VAE decode -> [B, 3, 256, 256] RGB in ~[-1, 1]
-    --(x/2+0.5, clamp [0,1], x255, round)--> uint8 [B, 256, 256, 3] BGR
+    --(NaN -> 0, x/2+0.5, clamp [0,1], x255, round)--> uint8 [B, 256, 256, 3] BGR
 
-Everything stays on the engine's device; nothing is copied to the host."""
+Everything stays on the engine's device; nothing is copied to the host. The fp16 VAE can overflow to
+NaN or inf on unusual latents; those pixels become mid grey (NaN) or saturate (inf) instead of
+whatever a float-to-uint8 cast of NaN gives."""
 
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lipstream.audio.encoder_batcher import EncoderBatcher
-from lipstream.audio.features import audio_features
-from lipstream.audio.streaming import StreamingFeatures
-from lipstream.engines.base import Engine, Material
+from lipstream.audio.features import audio_features, encode_mels
+from lipstream.audio.streaming import FeaturePass, StreamingFeatures, encode_passes
+from lipstream.engines.base import Engine, FeatureStream, Material
 from lipstream.models.latents import avatar_latents
 from lipstream.models.load import MuseTalkModels, load_musetalk
+from lipstream.stream.device import to_device
 
 if TYPE_CHECKING:
     from lipstream.avatar.model import Avatar
@@ -47,8 +49,6 @@ class MuseTalkEngine(Engine):
         self._cuda_graphs = compile_mode in _CUDA_GRAPH_MODES
         self._faces = self._faces_eager if compile_mode is None else torch.compile(
             self._faces_eager, mode=compile_mode, dynamic=False)
-        # live feature passes of all sessions share encoder calls (threads calling at once)
-        self.encoder_batcher = EncoderBatcher(models.whisper_encoder)
         if batch_buckets is None and compile_mode is not None:
             batch_buckets = [1 << i for i in range(11)]
         self.batch_buckets = sorted(batch_buckets) if batch_buckets else None
@@ -60,12 +60,30 @@ class MuseTalkEngine(Engine):
         return cls(load_musetalk(root, device, dtype), compile_mode=compile_mode)
 
     def warmup(self, max_batch: int) -> None:
-        """With batch buckets (a compiled engine): run, and so compile, every bucket a batch of up to
-        `max_batch` frames can use. Eager engines need no warm-up."""
-        if not self.batch_buckets:
-            return
-        for size in sorted({self._bucket(b) for b in range(1, max_batch + 1)}):
-            self.faces(torch.zeros(size, 8, 32, 32), torch.zeros(size, 50, 384))
+        """Run every batch size a batch of up to `max_batch` frames can use, on random inputs: a compiled
+        engine's buckets (three calls each: compiled, CUDA graph recorded, replayed), an eager one's
+        sizes 1..max_batch on CUDA (cuDNN measures its convolutions for each shape; on the CPU one
+        size loads everything); then the whisper encoder at 1, 2, 4, ... segments up to `max_batch`.
+        Call it on the thread that runs `generate` (the scheduler does): CUDA graphs are per thread."""
+        if self.batch_buckets:
+            sizes, calls = sorted({self._bucket(b) for b in range(1, max_batch + 1)}), 3 if self._cuda_graphs else 1
+        else:
+            sizes, calls = (range(1, max_batch + 1) if self.device.type == "cuda" else [1]), 1
+        generator = torch.Generator(self.device).manual_seed(0)
+        for size in sizes:
+            latents = torch.randn(size, 8, 32, 32, generator=generator, device=self.device, dtype=self.dtype)
+            audio = torch.randn(size, 50, 384, generator=generator, device=self.device, dtype=self.dtype)
+            for _ in range(calls):
+                self.faces(latents, audio)
+        encoder = self.models.whisper_encoder
+        segments = 1
+        while True:
+            with torch.inference_mode():
+                encode_mels(torch.randn(segments, 80, 3000, generator=generator, device=self.device), encoder,
+                            batch_segments=segments)
+            if segments >= max_batch or self.device.type != "cuda":
+                break
+            segments = min(2 * segments, max_batch)
 
     def _bucket(self, batch: int) -> int:
         """The batch size a batch of `batch` frames runs at: the next bucket up (or itself)."""
@@ -79,7 +97,7 @@ class MuseTalkEngine(Engine):
         pred = m.unet(latents, self.timestep, encoder_hidden_states=audio, return_dict=False)[0]
         # MuseTalk multiplies by the reciprocal (dividing rounds differently: faces 1 LSB apart)
         image = m.vae.decode(pred * (1 / m.scaling_factor), return_dict=False)[0]
-        image = (image / 2 + 0.5).clamp(0, 1)
+        image = (torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=-1.0) / 2 + 0.5).clamp(0, 1)
         # x255 and round in float32, as the released scripts do on the host (fp16 would round differently).
         faces = image.float().mul(255).round().to(torch.uint8)
         return faces.permute(0, 2, 3, 1).flip(-1).contiguous()
@@ -90,15 +108,21 @@ class MuseTalkEngine(Engine):
 
     def material(self, avatar: Avatar) -> Material:
         """{"latents": [N, 8, 32, 32]}: the avatar's stored latents, or computed from its crops (the
-        VAE samples its posterior, as MuseTalk does; seeded so that it is reproducible)."""
+        VAE samples its posterior, as MuseTalk does; seeded so that it is reproducible). On a GPU the
+        calling thread's stream is synchronized at the end: the material is then read on others."""
         if avatar.latents is not None:
-            return {"latents": avatar.latents.to(self.device, self.dtype)}
-        generator = torch.Generator(self.device).manual_seed(0)
-        slots = avatar.mirrored_slots  # a forward+reversed cycle: encode its first half only
-        if slots is None:
-            return {"latents": self.avatar_latents(avatar.crops, generator=generator)}
-        half = self.avatar_latents(avatar.crops[:len(avatar) // 2], generator=generator)
-        return {"latents": half[torch.tensor(slots, device=half.device)]}
+            latents = to_device(avatar.latents, self.device, self.dtype)
+        else:
+            generator = torch.Generator(self.device).manual_seed(0)
+            slots = avatar.mirrored_slots  # a forward+reversed cycle: encode its first half only
+            if slots is None:
+                latents = self.avatar_latents(avatar.crops, generator=generator)
+            else:
+                half = self.avatar_latents(avatar.crops[:len(avatar) // 2], generator=generator)
+                latents = half.index_select(0, to_device(torch.tensor(slots, dtype=torch.long), half.device))
+        if latents.device.type == "cuda":
+            torch.cuda.current_stream(latents.device).synchronize()
+        return {"latents": latents}
 
     def features(self, audio: np.ndarray, fps: int = 25) -> torch.Tensor:
         """Whisper window features [F, 50, 384] (no positional encoding) on the engine's device."""
@@ -106,10 +130,36 @@ class MuseTalkEngine(Engine):
         return audio_features(audio, m.whisper_encoder, m.feature_extractor, fps=fps)
 
     def feature_stream(self, fps: int = 25) -> StreamingFeatures:
-        """Live whisper features with the measured defaults (audio/streaming.py); the encoder passes of
-        all of this engine's streams go through one `EncoderBatcher`."""
-        return StreamingFeatures(self.models.whisper_encoder, self.models.feature_extractor, fps=fps,
-                                 encode=self.encoder_batcher.encode)
+        """Live whisper features with the measured defaults (audio/streaming.py)."""
+        return StreamingFeatures(self.models.whisper_encoder, self.models.feature_extractor, fps=fps)
+
+    @torch.inference_mode()
+    def feature_passes(self, passes: Sequence[tuple[FeatureStream, np.ndarray | None]]
+                       ) -> list[torch.Tensor | Exception]:
+        """The passes of many live streams (this engine's `StreamingFeatures`) with one encoder call:
+        each stream prepares its pass on the host, the encoder runs once over all their segments, each
+        stream cuts its frames' windows out of its share."""
+        prepared: list[FeaturePass | Exception] = []
+        for stream, samples in passes:
+            try:
+                prepared.append(stream.prepare(samples))
+            except Exception as exc:  # noqa: BLE001 (that stream's caller gets it)
+                prepared.append(exc)
+        ready = [p for p in prepared if isinstance(p, FeaturePass)]
+        try:
+            outputs = iter(encode_passes(self.models.whisper_encoder, ready))
+        except Exception as exc:  # noqa: BLE001 (the shared call failed: every pass in it did)
+            return [exc if isinstance(p, FeaturePass) else p for p in prepared]
+        results: list[torch.Tensor | Exception] = []
+        for (stream, _), feature_pass in zip(passes, prepared):
+            if isinstance(feature_pass, Exception):
+                results.append(feature_pass)
+                continue
+            try:
+                results.append(stream.finish(feature_pass, next(outputs)))
+            except Exception as exc:  # noqa: BLE001
+                results.append(exc)
+        return results
 
     @torch.inference_mode()
     def faces(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,7 @@ class WarpEngine(Engine):
 
     name = "warp"
     silence_hangover_ms = SETTLE_MS  # the mouth closes in pauses and comes to rest this long after speech
+    torch_threads = 1  # torch only gathers its material's rows; the warp is NumPy/OpenCV
 
     def __init__(self):
         super().__init__(torch.device("cpu"), torch.float32)

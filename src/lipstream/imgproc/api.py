@@ -259,7 +259,8 @@ def _boxes_for(layout: Layout, frames_bhwc: Image, face_boxes: Any, crop_boxes: 
 
 
 def _mask_tensor(mask: Any, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(mask).to(device=device, dtype=torch.float32)
+    """A mask on `device`, as given (uint8 masks stay uint8: the blend converts only the part it uses)."""
+    return torch.as_tensor(mask).to(device=device)
 
 
 def blend(frame: Image, face: Image, face_box: Sequence[int], mask: Any, crop_box: Sequence[int], *,

@@ -39,6 +39,10 @@ class AxisSampling:
     weight: torch.Tensor
     fixed: torch.Tensor
 
+    def select(self, index: torch.Tensor) -> AxisSampling:
+        """The samplings of the samples `index` (int64 [b], on their device)."""
+        return AxisSampling(*(t.index_select(0, index) for t in (self.lo, self.hi, self.weight, self.fixed)))
+
 
 def reflect101(positions: np.ndarray, length: int) -> np.ndarray:
     """Map integer positions onto [0, length) by OpenCV's BORDER_REFLECT_101 (…2 1 | 0 1 2 … n-1 | n-2 …)."""
@@ -50,10 +54,10 @@ def reflect101(positions: np.ndarray, length: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4096)
-def _axis_row(src_len: int, dst: int, pad: int, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def _axis_row(src_len: int, dst: int, pad: int, n: int, mode: str, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(lo int64 [n], weight float32 [n]) of one sample: see axis_sampling. Cached (read-only arrays):
     an avatar's boxes repeat, and this NumPy work would otherwise cost the host ~35 µs per frame and axis."""
-    q = reflect101(np.arange(n) - pad, dst).astype(np.float64)
+    q = reflect101(np.arange(n) - pad - shift, dst).astype(np.float64)
     scale = src_len / dst
     if mode == "bilinear":
         f = np.maximum(((q + 0.5) * scale - 0.5).astype(np.float32), np.float32(0))
@@ -67,14 +71,18 @@ def _axis_row(src_len: int, dst: int, pad: int, n: int, mode: str) -> tuple[np.n
     return lo, weight
 
 
-def axis_sampling(src_len: int, dst_lens: list[int], pad: int, mode: str, device: torch.device) -> AxisSampling:
+def axis_sampling(src_len: int, dst_lens: list[int], pad: int, mode: str, device: torch.device, *,
+                  shifts: list[int] | None = None, n: int | None = None) -> AxisSampling:
     """Sampling of one axis: sample b is resized from `src_len` to `dst_lens[b]` pixels, then extended
-    by `pad` reflect-101 pixels on both sides and filled up to `max(dst_lens) + 2*pad` positions.
+    by `pad` reflect-101 pixels on both sides and filled up to `n` positions (default
+    `max(dst_lens) + 2*pad`). shifts: where each resized sample starts on the output grid (position
+    p reads resized pixel p - pad - shift, reflected; default 0).
 
     Bilinear follows cv2.INTER_LINEAR (half-pixel centres computed in float32, edge clamp, no
     antialias); nearest follows cv2.INTER_NEAREST (floor(dst * src/dst))."""
-    n = max(dst_lens) + 2 * pad
-    rows = [_axis_row(src_len, dst, pad, n, mode) for dst in dst_lens]
+    n = max(dst_lens) + 2 * pad if n is None else n
+    shifts = shifts or [0] * len(dst_lens)
+    rows = [_axis_row(src_len, dst, pad, n, mode, shift) for dst, shift in zip(dst_lens, shifts)]
     lo = np.stack([r[0] for r in rows])
     weight = np.stack([r[1] for r in rows])
     hi = np.minimum(lo + 1, src_len - 1)
@@ -171,13 +179,13 @@ def blend_patch(frame: torch.Tensor, face: torch.Tensor, face_box: Box, mask: to
                 integer: bool) -> tuple[Slices, torch.Tensor] | None:
     """The blended face-box region of one frame, or None when the face box misses the frame.
 
-    frame: [H,W,C] uint8 or float (read only); face: float [fh,fw,C] at the face-box size; mask: float
-    [ch,cw] sized to the crop box, 0..255. Returns (frame slices [y, x], float region [h,w,C])."""
+    frame: [H,W,C] uint8 or float (read only); face: float [fh,fw,C] at the face-box size; mask: uint8
+    or float [ch,cw] sized to the crop box, 0..255. Returns (frame slices [y, x], float region [h,w,C])."""
     region = blend_region(face_box, crop_box, frame.shape[0], frame.shape[1])
     if region is None:
         return None
     target, face_part, mask_part = region
-    m = mask[mask_part].unsqueeze(-1)
+    m = mask[mask_part].to(torch.float32).unsqueeze(-1)
     mixed = face[face_part] * m + frame[target].to(torch.float32) * (255.0 - m)
     if integer:  # PIL's paste-with-mask: DIV255 rounds to nearest, exact in float32 for these integers
         return target, mixed.div_(255.0).add_(0.5).floor_()
@@ -189,7 +197,7 @@ def composite_patches(frames: torch.Tensor, faces: torch.Tensor, face_boxes: lis
                       integer: bool) -> list[Patch]:
     """Resize each face to its own face box, optionally unsharp it, and blend it with its frame.
 
-    frames: [B,H,W,C] (read only); faces: float [B,fh,fw,C]; masks: float [ch,cw] per frame;
+    frames: [B,H,W,C] (read only); faces: float [B,fh,fw,C]; masks: uint8 or float [ch,cw] per frame;
     sharpen_params: (ksize, sigma, amount, threshold) or None. The resize and the sharpening run as
     one batched computation at the largest box size; only the blend is per frame. Returns one
     (frame index, frame slices, float region) per frame that changes; nothing is written."""
@@ -211,3 +219,26 @@ def composite_patches(frames: torch.Tensor, faces: torch.Tensor, face_boxes: lis
         if patch is not None:
             patches.append((b, *patch))
     return patches
+
+
+def composite_on_grid(under: torch.Tensor, faces: torch.Tensor, masks: torch.Tensor, rows: AxisSampling,
+                      cols: AxisSampling, *, sharpen_params: tuple[int, float, float, float] | None) -> torch.Tensor:
+    """A batch of faces composited onto fixed-size grids (the compositor's patches), as one computation.
+
+    under: uint8 [B, PH, PW, C], the frame under each grid; faces: float [B, fh, fw, C] (0..255);
+    masks: uint8 [B, PH, PW], the blend mask on the grid (0 where the face does not reach);
+    rows/cols: where each grid position (extended by the sharpening's pad on both sides) reads its
+    face: `axis_sampling` with the face box's size and offset on the grid. sharpen_params: (ksize,
+    sigma, amount, threshold) or None. OpenCV's uint8 arithmetic throughout (resize, unsharp) and
+    PIL's rounding for the blend, as `composite_patches`; where the mask is 0 the result is `under`
+    exactly. Returns uint8 [B, PH, PW, C]."""
+    resized = resample(faces, rows, cols, integer=True)
+    if sharpen_params:
+        ksize, sigma, amount, threshold = sharpen_params
+        pad = ksize // 2
+        blurred = blur_valid(resized, ksize, sigma, integer=True)
+        resized = sharpen(resized[:, pad:pad + blurred.shape[1], pad:pad + blurred.shape[2]], blurred,
+                          amount, threshold, integer=True)
+    m = masks.unsqueeze(-1).to(torch.float32)
+    mixed = resized * m + under.to(torch.float32) * (255.0 - m)
+    return mixed.div_(255.0).add_(0.5).floor_().to(torch.uint8)

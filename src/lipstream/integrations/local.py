@@ -11,8 +11,9 @@ the server's Session, Scheduler, engine choice and avatar store, without HTTP.
 A `LocalSession` has the interface of `lipstream.client.RemoteSession`, so an integration drives either.
 The engine (setting `engine`; `auto`: MuseTalk when its weights are installed, else warp) loads once per
 process and stays, as a server's does. A host runs one scheduler for all its sessions (their frames
-share engine batches) on the event loop of its sessions: started with the first open session and
-stopped with the last, so no thread outlives them. Each avatar loads once per host."""
+share engine batches; its worker owns the engine's tensor work and warms the engine up when it
+starts) on the event loop of its sessions: started with the first open session and stopped with the
+last, so no thread outlives them. Each avatar loads once per host."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from typing import Any, TypeVar
 
 import cv2
 import numpy as np
-import torch
 
 from lipstream.avatar.model import Avatar
 from lipstream.avatar.store import load_avatar
@@ -34,12 +34,11 @@ from lipstream.client import AvatarFrame, Color
 from lipstream.config import Settings, load_settings
 from lipstream.engines.base import Engine, Material
 from lipstream.errors import AudioFormatError
-from lipstream.media.encoding import output_image, output_size
 from lipstream.server.avatars import AvatarLibrary
 from lipstream.server.engines import load_engine_for
-from lipstream.stream.compositor import Compositor
+from lipstream.stream.compositor import Compositor, output_size
 from lipstream.stream.scheduler import Scheduler
-from lipstream.stream.session import Session
+from lipstream.stream.session import OutputFrame, Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,8 +48,8 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def shared_engine(settings: Settings) -> tuple[Engine, str]:
-    """The engine `settings` choose, loaded and warmed up on first use in this process (blocking):
-    (engine, one line saying which runs and why)."""
+    """The engine `settings` choose, loaded on first use in this process (blocking): (engine, one line
+    saying which runs and why)."""
     key = (settings.engine, str(settings.models_root), settings.device, settings.dtype, settings.compile_mode,
            settings.max_batch)
     with _ENGINES_LOCK:
@@ -82,16 +81,16 @@ class LocalSessions:
         setting; output_height: frames scaled to this height (default the setting; 0: the avatar's own).
         Raises what loading raises: AvatarNotFoundError, AvatarCorruptError, MissingWeightsError, ..."""
         engine, _ = await asyncio.to_thread(shared_engine, self.settings)
-        avatar, compositor, material = await self._prepared(avatar, engine)
         if self._scheduler is None:
-            self._scheduler = Scheduler(engine, max_batch=self.settings.max_batch,
-                                        max_wait_ms=self.settings.max_wait_ms)
-            self._scheduler.start()
+            scheduler = Scheduler(engine, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms)
+            await scheduler.warm_start()
+            self._scheduler = scheduler
+        height = self.settings.output_height if output_height is None else output_height
+        avatar, compositor, material = await self._prepared(avatar, engine, self._scheduler, height)
         session = Session(avatar, engine, self._scheduler, fps=fps or self.settings.fps, compositor=compositor,
                           material=material, max_queue_s=self.settings.max_queued_audio_s,
                           auto_end_ms=self.settings.auto_end_ms or None)
-        height = self.settings.output_height if output_height is None else output_height
-        local = LocalSession(session, height, self)
+        local = LocalSession(session, self)
         self._open.add(local)
         return local
 
@@ -100,16 +99,15 @@ class LocalSessions:
         for session in list(self._open):
             await session.aclose()
 
-    async def _prepared(self, ref: str | os.PathLike, engine: Engine) -> tuple[Avatar, Compositor, Material]:
+    async def _prepared(self, ref: str | os.PathLike, engine: Engine, scheduler: Scheduler, height: int
+                        ) -> tuple[Avatar, Compositor, Material]:
         if not is_path(ref):
-            return await self._library.get(str(ref), "", engine)
-        key = (Path(ref).resolve(), engine.name)
+            return await self._library.get(str(ref), "", engine, scheduler, height)
+        key = (Path(ref).resolve(), engine.name, height)
         if key not in self._folders:
-            def prepare() -> tuple[Avatar, Compositor, Material]:
-                avatar = load_avatar(Path(ref))
-                return avatar, Compositor(avatar, engine.device), engine.material(avatar)
-
-            self._folders[key] = await asyncio.to_thread(prepare)
+            avatar = await asyncio.to_thread(load_avatar, Path(ref))
+            compositor = Compositor(avatar, engine.device, size=output_size(avatar.frame_size, height))
+            self._folders[key] = (avatar, compositor, await scheduler.run(engine.material, avatar))
         return self._folders[key]
 
     async def _release(self, local: LocalSession) -> None:
@@ -123,19 +121,18 @@ class LocalSessions:
 class LocalSession:
     """A `Session` of this process behind the interface of `lipstream.client.RemoteSession`.
 
-    id, avatar, engine, fps, width, height: the session's (the frames' size after scaling to `output_height`).
+    id, avatar, engine, fps, width, height: the session's (the frames' size: its compositor's).
     session: the `Session` itself. host: the `LocalSessions` that opened it (closing releases it there),
     or None (closing closes the Session)."""
 
-    def __init__(self, session: Session, output_height: int, host: LocalSessions | None = None):
+    def __init__(self, session: Session, host: LocalSessions | None = None):
         self.host = host
         self.session = session
         self.id = session.id
         self.avatar = session.avatar.name
         self.engine = session.engine.name
         self.fps = session.fps
-        self.output_height = output_height
-        self.height, self.width = output_size(session.avatar.frame_size, output_height)
+        self.height, self.width = session.compositor.frame_size
 
     async def push_audio(self, samples: np.ndarray) -> None:
         """Speech: int16 [n], or float32 [n] in [-1, 1], mono 16 kHz. AudioFormatError for other arrays;
@@ -155,11 +152,10 @@ class LocalSession:
         return self.session.stats()
 
     async def frames(self, color: Color | None = "rgb") -> AsyncIterator[AvatarFrame]:
-        """The session's frames in real time, each image scaled and converted (`convert`) to uint8
+        """The session's frames in real time, each image made whole and converted (`convert`) to uint8
         [H, W, 3] in `color` order (None: no image). Ends when the session is closed."""
         async for frame in self.session.frames():
-            image = None if color is None else \
-                await self.convert(_host_image, frame.image, self.output_height, color)
+            image = None if color is None else await self.convert(_host_image, frame, color)
             yield AvatarFrame(frame.index, frame.pts, frame.speaking, frame.audio, image, None, frame.events,
                               speech_samples=frame.speech_samples)
 
@@ -175,7 +171,7 @@ class LocalSession:
             await self.session.aclose()
 
 
-def _host_image(image: np.ndarray | torch.Tensor, height: int, color: Color) -> np.ndarray:
-    """A session frame (BGR, NumPy or a tensor on its device) at the output height, in `color` order."""
-    bgr = output_image(image, height)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if color == "rgb" else np.ascontiguousarray(bgr)
+def _host_image(frame: OutputFrame, color: Color) -> np.ndarray:
+    """A session frame, whole (BGR), in `color` order: a new array."""
+    bgr = frame.image
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if color == "rgb" else bgr.copy()

@@ -1,10 +1,15 @@
-"""A session's frames as the transports send them, all in one place: scaled to the streamed size
-(`output_size`), then JPEG-encoded (`frame_jpeg`, the WebSocket) or made an av.VideoFrame
-(`video_frame`, WebRTC), on the server's `EncodingPool`.
+"""A session's frames as the transports send them: JPEG (the WebSocket) and av.VideoFrame (WebRTC),
+made on the server's `EncodingPool`, with as little work per frame and per viewer as the frame allows.
 
-Two JPEG encoders: OpenCV's libjpeg on the CPU, and nvJPEG on the GPU (torchvision.io.encode_jpeg on
-a CUDA tensor), which keeps a CUDA session's frames on the GPU: only the JPEG bytes cross the bus.
-Frames are uint8 [H, W, 3] BGR, NumPy or a tensor on the compositor's device."""
+Frames come from the compositor at the streamed size already (no scaling here) and are mostly the
+avatar's own images: an idle frame is one of the cycle's images, a speaking frame one of them with a
+small face patch. So what depends only on the cycle image is made once per compositor and kept
+(`IdleImages`: each image's JPEG at a quality, its I420 planes), and per frame only the patch is
+encoded or converted: a patch JPEG for a WebSocket viewer that holds the images (patch frames), a
+whole-frame JPEG only for a speaking frame of a viewer that takes whole frames, and for WebRTC a copy
+of the cached I420 image with the patch's planes written in (BGR -> I420 of the patch alone, exactly
+the same values as converting the whole frame: both are computed per 2x2 block, and patches are
+aligned to 16 pixels)."""
 
 from __future__ import annotations
 
@@ -13,17 +18,22 @@ import fractions
 import functools
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import av
 import cv2
 import numpy as np
-import torch
 
 from lipstream.metrics import STAGE_SECONDS
 from lipstream.stream.capacity import Capacity, timed
+
+if TYPE_CHECKING:
+    import av
+
+    from lipstream.stream.compositor import Compositor, FacePatch
+    from lipstream.stream.session import OutputFrame
 
 T = TypeVar("T")
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)  # RTP's video clock
@@ -35,7 +45,8 @@ def _check_quality(quality: int) -> None:
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 85) -> bytes:
-    """frame: uint8 [H, W, 3] BGR (NumPy). quality: 1-100 (OpenCV's, libjpeg scale). Returns JPEG bytes."""
+    """frame: uint8 [H, W, 3] BGR (NumPy). quality: 1-100 (OpenCV's, libjpeg scale). Returns JPEG bytes
+    (baseline, 4:2:0)."""
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"frame must be uint8 [H, W, 3] BGR, got {frame.dtype} {frame.shape}")
     _check_quality(quality)
@@ -45,91 +56,89 @@ def encode_jpeg(frame: np.ndarray, quality: int = 85) -> bytes:
     return data.tobytes()
 
 
-@functools.cache
-def nvjpeg_available() -> bool:
-    """True when torchvision can encode JPEG from CUDA tensors (torchvision >= 0.19 with CUDA)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torchvision.io import encode_jpeg as tv_encode_jpeg
-    except ImportError:
-        return False
-    try:
-        tv_encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8, device="cuda"), quality=80)
-    except (RuntimeError, TypeError):  # a CPU-only torchvision build, or one without nvJPEG
-        return False
-    return True
+def to_i420(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] BGR (H, W even) -> I420 planes uint8 [H * 3 / 2, W]: Y, then U and V (each
+    [H/2, W/2], packed row after row), as av's yuv420p frames take them."""
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2YUV_I420)
 
 
-def encode_jpeg_cuda(frame: torch.Tensor, quality: int = 85) -> bytes:
-    """frame: uint8 [H, W, 3] BGR on a CUDA device. Encoded by nvJPEG on that device; only the
-    JPEG bytes are copied to the host. Raises RuntimeError when nvJPEG is not available."""
-    if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or frame.device.type != "cuda":
-        raise ValueError(f"frame must be a CUDA uint8 [H, W, 3] BGR tensor, got {frame.dtype} "
-                         f"{tuple(frame.shape)} on {frame.device}")
-    _check_quality(quality)
-    if not nvjpeg_available():
-        raise RuntimeError("nvJPEG needs torchvision >= 0.19 built with CUDA (pip install torchvision "
-                           "matching your torch), or set jpeg_encoder=opencv")
-    from torchvision.io import encode_jpeg as tv_encode_jpeg
+class IdleImages:
+    """What is made once per cycle image of a compositor (by its `key`): the JPEG at a quality and the
+    I420 planes. Thread-safe; an image asked for by two threads at once may be made twice."""
 
-    rgb_chw = frame.flip(-1).permute(2, 0, 1).contiguous()
-    return tv_encode_jpeg(rgb_chw, quality=int(quality)).cpu().numpy().tobytes()
+    def __init__(self, compositor: Compositor):
+        self.compositor = compositor
+        self._jpegs: dict[tuple[int, int], bytes] = {}
+        self._i420: dict[int, np.ndarray] = {}
 
+    def cached_jpeg(self, key: int, quality: int) -> bytes | None:
+        """The image's JPEG if it was made already (never makes it: safe on the event loop)."""
+        return self._jpegs.get((key, quality))
 
-def output_size(frame_size: tuple[int, int], height: int) -> tuple[int, int]:
-    """(height, width) of the streamed frames for frames of `frame_size` (height, width): scaled to
-    `height` (0: unscaled), width keeping the aspect ratio; both even, as video encoders need."""
-    h, w = frame_size
-    if height <= 0 or height == h:
-        return h - h % 2, w - w % 2
-    return height - height % 2, max(2, round(w * height / h / 2) * 2)
+    def jpeg(self, key: int, quality: int) -> bytes:
+        data = self._jpegs.get((key, quality))
+        if data is None:
+            data = self._jpegs[key, quality] = encode_jpeg(self.compositor.frames[key], quality)
+        return data
 
-
-def output_tensor(image: torch.Tensor, height: int) -> torch.Tensor:
-    """`output_image` for a uint8 [H, W, 3] tensor that stays on its device (area-averaged when
-    shrinking, bilinear when enlarging, as OpenCV; values may differ from it by a level or two)."""
-    h, w = image.shape[:2]
-    th, tw = output_size((h, w), height)
-    if (th, tw) == (h, w):
-        return image
-    if height <= 0 or height == h:
-        return image[:th, :tw]
-    chw = image.permute(2, 0, 1)[None].float()
-    scaled = torch.nn.functional.interpolate(chw, size=(th, tw), mode="area" if th < h else "bilinear")
-    return scaled[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    def i420(self, key: int) -> np.ndarray:
+        planes = self._i420.get(key)
+        if planes is None:
+            planes = self._i420[key] = to_i420(self.compositor.frames[key])
+            planes.flags.writeable = False
+        return planes
 
 
-def output_image(image: np.ndarray | torch.Tensor, height: int) -> np.ndarray:
-    """A frame, uint8 [H, W, 3] BGR (NumPy, or a tensor on any device), as a NumPy array at
-    `output_size` (an odd last row or column is dropped when not scaling)."""
-    if isinstance(image, torch.Tensor):
-        image = image.cpu().numpy()
-    h, w = image.shape[:2]
-    th, tw = output_size((h, w), height)
-    if (th, tw) == (h, w):
-        return image
-    if height <= 0 or height == h:
-        return np.ascontiguousarray(image[:th, :tw])
-    return cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA if th < h else cv2.INTER_LINEAR)
+_idle: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_idle_lock = threading.Lock()
 
 
-def frame_jpeg(image: np.ndarray | torch.Tensor, height: int, quality: int, encoder: str = "auto") -> bytes:
-    """A session frame (NumPy, or a tensor on its device) scaled to `height` and JPEG-encoded.
-    encoder: "opencv", "nvjpeg", or "auto" (nvJPEG for CUDA frames when available): with nvJPEG the
-    frame is scaled and encoded on its GPU and only the JPEG bytes come to the host."""
-    on_gpu = isinstance(image, torch.Tensor) and image.device.type == "cuda"
-    if on_gpu and (encoder == "nvjpeg" or (encoder == "auto" and nvjpeg_available())):
-        return encode_jpeg_cuda(output_tensor(image, height), quality)
-    return encode_jpeg(output_image(image, height), quality)
+def idle_images(compositor: Compositor) -> IdleImages:
+    """The compositor's `IdleImages` (made on first use, dropped with the compositor)."""
+    with _idle_lock:
+        images = _idle.get(compositor)
+        if images is None:
+            images = _idle[compositor] = IdleImages(compositor)
+        return images
 
 
-def video_frame(image: np.ndarray | torch.Tensor, height: int, pts: float) -> av.VideoFrame:
-    """A session frame scaled to `height` as an av.VideoFrame (bgr24) stamped `pts` seconds on the
-    90 kHz clock, for a WebRTC video track."""
-    video = av.VideoFrame.from_ndarray(output_image(image, height), format="bgr24")
-    video.pts, video.time_base = round(pts * 90000), VIDEO_TIME_BASE
+def frame_jpeg(frame: OutputFrame, quality: int) -> bytes:
+    """The whole frame as a JPEG: the cycle image's, made once, for a frame without a patch."""
+    if frame.patch is None:
+        return idle_images(frame.compositor).jpeg(frame.compositor.key(frame.cycle), quality)
+    return encode_jpeg(frame.image, quality)
+
+
+def patch_jpeg(patch: FacePatch, quality: int) -> bytes:
+    """A frame's face patch as a JPEG (its blocks line up with a JPEG of the whole frame)."""
+    return encode_jpeg(np.ascontiguousarray(patch.pixels), quality)
+
+
+def video_frame(frame: OutputFrame) -> av.VideoFrame:
+    """The frame as an av.VideoFrame (yuv420p) stamped `frame.pts` seconds on the 90 kHz clock, for a
+    WebRTC video track: the cycle image's cached I420 planes copied into it once, the patch's own
+    planes written over them."""
+    import av  # (only WebRTC needs PyAV here)
+
+    planes = idle_images(frame.compositor).i420(frame.compositor.key(frame.cycle))
+    video = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    if frame.patch is not None:
+        _write_patch(video, frame.patch)
+    video.pts, video.time_base = round(frame.pts * 90000), VIDEO_TIME_BASE
     return video
+
+
+def _write_patch(video: av.VideoFrame, patch: FacePatch) -> None:
+    """Write the I420 planes of `patch` (x, y and sizes even) into the frame's planes."""
+    h, w = patch.pixels.shape[:2]
+    i420 = to_i420(patch.pixels)
+    y_plane, u_plane, v_plane = (np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+                                 for plane in video.planes)
+    y_plane[patch.y:patch.y + h, patch.x:patch.x + w] = i420[:h]
+    chroma = i420[h:].reshape(2, h // 2, w // 2)
+    cy, cx = patch.y // 2, patch.x // 2
+    u_plane[cy:cy + h // 2, cx:cx + w // 2] = chroma[0]
+    v_plane[cy:cy + h // 2, cx:cx + w // 2] = chroma[1]
 
 
 def default_workers() -> int:

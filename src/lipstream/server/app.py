@@ -24,8 +24,7 @@ from lipstream import __version__
 from lipstream.avatar.store import sweep_stale_builds
 from lipstream.config import Settings
 from lipstream.engines.base import Engine
-from lipstream.errors import SettingsError
-from lipstream.media.encoding import EncodingPool, frame_jpeg, nvjpeg_available
+from lipstream.media.encoding import EncodingPool, encode_jpeg
 from lipstream.server import avatar_switch, http_errors, livekit_rooms, rest, webrtc, websocket
 from lipstream.server.auth import ApiKeys, CallerDep
 from lipstream.server.avatars import AvatarLibrary
@@ -66,9 +65,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
             await asyncio.to_thread(state.jobs.shutdown, settings.shutdown_grace_s)
             state.encoding.shutdown()
 
-    if settings.jpeg_encoder == "nvjpeg" and not nvjpeg_available():
-        raise SettingsError("jpeg_encoder=nvjpeg needs a CUDA GPU and torchvision >= 0.19 built with CUDA "
-                            "(install the torchvision that matches your torch), or use jpeg_encoder=auto")
     install_key_redaction()
     app = FastAPI(title="lipstream", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -78,8 +74,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     state.capacity = Capacity(target=settings.capacity_target, max_batch=settings.max_batch, fps=settings.fps,
                               output_height=settings.output_height, max_sessions=settings.max_sessions or None)
     state.engines = EngineHub(settings, engine, engine_reason, capacity=state.capacity,
-                              encode_probe=lambda frame: frame_jpeg(
-                                  frame, settings.output_height, settings.jpeg_quality, settings.jpeg_encoder))
+                              encode_probe=lambda frame: encode_jpeg(frame, settings.jpeg_quality))
     state.encoding = EncodingPool(capacity=state.capacity)
     state.sessions = SessionRegistry(settings.max_sessions_per_key, settings.detached_session_timeout_s)
     state.avatars = AvatarLibrary(settings.avatars_root, settings.avatar_cache_mb << 20,
@@ -87,7 +82,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     state.jobs = AvatarJobs(settings.avatars_root, settings.models_root,
                             None if settings.device == "auto" else settings.device,
                             max_per_tenant=settings.max_jobs_per_tenant, behind=state.capacity.behind,
-                            instance=settings.instance)
+                            instance=settings.instance, shared_vae=state.engines.shared_vae)
     state.ready = asyncio.Event()
     state.startup_error = None
     state.draining = False  # set: no new sessions (503), /ready answers 503; the open ones go on

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from lipstream.errors import SessionNotFoundError
-from lipstream.media.encoding import output_size
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession
 from lipstream.server.rest import describe_session
@@ -30,12 +29,14 @@ async def change_avatar(state, entry: OpenSession, name: str) -> None:
     the order they were asked for. Raises AvatarNotFoundError, AvatarNameError, AvatarCorruptError,
     NoFaceError (an engine that needs a face it cannot find), SessionNotFoundError (closed meanwhile)."""
     async with entry.changing:
-        avatar, compositor, material = await state.avatars.get(name, entry.tenant, entry.session.engine)
+        session = entry.session
+        avatar, compositor, material = await state.avatars.get(name, entry.tenant, session.engine, session.scheduler,
+                                                               entry.output_height)
         if entry.closed.is_set():
             raise SessionNotFoundError(f"session {entry.id} was closed")
-        entry.session.switch_avatar(avatar, compositor, material)
+        session.switch_avatar(avatar, compositor, material)
         entry.avatar = avatar.name
-        entry.size = output_size(avatar.frame_size, entry.output_height)
+        entry.size = compositor.frame_size
 
 
 @router.post("/api/sessions/{session_id}/avatar")

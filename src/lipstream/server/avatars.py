@@ -1,6 +1,7 @@
 """The server's avatars: each tenant's avatars under the avatars root, loaded on first use and shared by
-every session that shows them, with their compositor and engine material made once per engine; the
-least recently used ones that no session shows are unloaded above a memory budget."""
+every session that shows them, with their engine material made once per engine (on the engine's
+device worker) and their compositor once per device and streamed size; the least recently used ones
+that no session shows are unloaded above a memory budget."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 from lipstream.avatar.model import Avatar
 from lipstream.avatar.store import AvatarCache, AvatarSummary, CacheKey, delete_avatar, list_avatars
 from lipstream.engines.base import Engine, Material
-from lipstream.stream.compositor import Compositor
+from lipstream.stream.compositor import Compositor, output_size
+from lipstream.stream.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +44,34 @@ class AvatarLibrary:
     def list(self, tenant: str) -> list[dict]:
         return [describe(summary) for summary in list_avatars(tenant, self.root)]
 
-    async def get(self, name: str, tenant: str, engine: Engine) -> tuple[Avatar, Compositor, Material]:
-        """The avatar (loaded on first use; again after its folder changed), its compositor on the
-        engine's device and the engine's material for it, each made once however many sessions ask at
-        the same time. Raises AvatarNotFoundError, AvatarNameError, AvatarCorruptError (and NoFaceError
-        from an engine that needs a face it cannot find)."""
-        def prepare(avatar: Avatar) -> tuple[Compositor, Material]:
-            return Compositor(avatar, engine.device, sharpen=self.sharpen), engine.material(avatar)
+    async def avatar(self, name: str, tenant: str) -> Avatar:
+        """The avatar, loaded on first use (what `get` raises)."""
+        return await asyncio.to_thread(self._cache.get, name, tenant)
 
-        avatar, (compositor, material) = await asyncio.to_thread(
-            self._cache.get_derived, name, tenant, (engine.name, str(engine.device)), prepare)
+    async def get(self, name: str, tenant: str, engine: Engine, scheduler: Scheduler | None = None,
+                  height: int = 0) -> tuple[Avatar, Compositor, Material]:
+        """The avatar (loaded on first use; again after its folder changed), its compositor on the
+        engine's device at the streamed `height` (0: its own size) and the engine's material for it,
+        each made once however many sessions ask at the same time. With the engine's `scheduler` the
+        material is made on its worker and the compositor's device data uploaded by its
+        post-processing lane before the first frame. Raises AvatarNotFoundError, AvatarNameError,
+        AvatarCorruptError (and NoFaceError from an engine that needs a face it cannot find)."""
+        def material(avatar: Avatar) -> Material:
+            return engine.material(avatar) if scheduler is None else scheduler.call(engine.material, avatar).result()
+
+        def compositor(avatar: Avatar) -> Compositor:
+            return Compositor(avatar, engine.device, sharpen=self.sharpen, size=output_size(avatar.frame_size, height))
+
+        device = str(engine.device)
+        tags = ("material", engine.name, device), ("compositor", device, height, self.sharpen)
+        avatar, made = await asyncio.to_thread(self._cache.get_derived, name, tenant,
+                                               dict(zip(tags, (material, compositor))))
+        paste = made[tags[1]]
+        if scheduler is not None and paste.backend == "torch":
+            await scheduler.post(paste.tensors)
         for key in self._cache.trim(keep=self._in_use()):
             log.info("unloaded avatar %r (tenant %r): the loaded avatars are over avatar_cache_mb", key[1], key[0])
-        return avatar, compositor, material
+        return avatar, paste, made[tags[0]]
 
     @property
     def loaded(self) -> int:

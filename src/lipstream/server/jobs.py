@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lipstream.avatar.layout import avatar_dir, clean_name
 from lipstream.avatar.prepare import STAGES, prepare_avatar
@@ -129,17 +130,21 @@ class AvatarJobs:
     """root/models_root/device: where avatars go, where the VAE is (for MuseTalk latents), and where
     it runs. max_per_tenant: jobs a tenant may have queued or running. behind(): whether live sessions
     are behind now (a running job pauses between frames while they are). instance: the server's name
-    (setting instance), which starts every job id. A new avatar is usable at once: the server loads
-    avatars on first use, and reloads one whose folder was replaced."""
+    (setting instance), which starts every job id. shared_vae(): the VAE of the server's running
+    MuseTalk engine and how to run work on its device worker, (vae, device_call), or None: then a job
+    that makes latents loads the VAE itself. A new avatar is usable at once: the server loads avatars
+    on first use, and reloads one whose folder was replaced."""
 
     def __init__(self, root: Path, models_root: Path, device: str | None, *, max_per_tenant: int = 4,
-                 behind: Callable[[], bool] = lambda: False, instance: str = ""):
+                 behind: Callable[[], bool] = lambda: False, instance: str = "",
+                 shared_vae: Callable[[], tuple[Any, Callable[..., Any]] | None] = lambda: None):
         self.root = root
         self.models_root = models_root
         self.device = device
         self.max_per_tenant = max_per_tenant
         self._behind = behind
         self.instance = instance
+        self._shared_vae = shared_vae
         self._jobs: dict[str, Job] = {}
         self._queues: dict[str, deque[_Queued]] = {}  # tenant -> its queued jobs, oldest first
         self._served: dict[str, int] = {}  # tenant -> when it last had a job started (a count)
@@ -258,9 +263,10 @@ class AvatarJobs:
 
         try:
             media = {"video": item.source} if job.kind == "video" else {"image": item.source}
+            vae, device_call = self._shared_vae() or (None, None)
             prepare_avatar(job.avatar, **media, tenant=job.tenant, root=self.root, fps=item.fps,
                            overwrite=item.overwrite, models_root=self.models_root, device=self.device,
-                           progress=progress, source_name=item.source_name)
+                           progress=progress, source_name=item.source_name, vae=vae, device_call=device_call)
             job.status, job.progress = "done", 1.0
         except LipstreamError as exc:
             folders = {"avatars": self.root, "models": self.models_root, "uploads": self.uploads}

@@ -113,7 +113,7 @@ class RoomSession(LocalSession):
     pool and counted as sent to a "livekit" viewer; closing it closes the server's session."""
 
     def __init__(self, entry: OpenSession, state):
-        super().__init__(entry.session, entry.output_height)
+        super().__init__(entry.session)
         self.entry = entry
         self.registry = state.sessions
         self.encoding = state.encoding

@@ -27,7 +27,6 @@ from lipstream.errors import (
     OutputTooLargeError,
     OverloadedError,
 )
-from lipstream.media.encoding import output_size
 from lipstream.server.auth import Caller, CallerDep, require_metrics_key
 from lipstream.server.registry import OpenSession
 from lipstream.stream.capacity import RETRY_AFTER_S, Demand
@@ -214,11 +213,13 @@ async def open_session(body: SessionRequest, request: Request, caller: Caller) -
                               "end; open the session on another server", RETRY_AFTER_S)
     state.sessions.check_room(caller.key)
     slot = await state.engines.get(body.engine)
-    avatar, compositor, material = await state.avatars.get(body.avatar, caller.tenant, slot.engine)
     fps = body.fps or settings.fps
+    avatar = await state.avatars.avatar(body.avatar, caller.tenant)
     height = _output_height(body.output_height, settings, avatar.frame_size[0])
-    size = output_size(avatar.frame_size, height)
-    demand = Demand(slot.engine.name, fps, avatar.frame_size[0] * avatar.frame_size[1], size[0] * size[1])
+    avatar, compositor, material = await state.avatars.get(body.avatar, caller.tenant, slot.engine, slot.scheduler,
+                                                           height)
+    size = compositor.frame_size
+    demand = Demand(slot.engine.name, fps, size[0] * size[1], size[0] * size[1])
     ticket = state.capacity.admit(demand, enforce=settings.admission_control)
     try:
         session = Session(avatar, slot.engine, slot.scheduler, fps=fps, compositor=compositor, material=material,

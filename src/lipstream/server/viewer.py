@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 
 from lipstream.config import Settings
 from lipstream.errors import LipstreamError, MessageTooLargeError
-from lipstream.media.encoding import output_size
 from lipstream.server import wire
 from lipstream.server.avatar_switch import change_avatar
 from lipstream.server.http_errors import public_text
@@ -139,7 +138,7 @@ def frame_events(entry: OpenSession, frame: OutputFrame) -> list[str]:
     for event in frame.events:
         details = {}
         if event == "avatar_changed":
-            height, width = output_size(tuple(frame.image.shape[:2]), entry.output_height)
+            height, width = frame.compositor.frame_size
             details = {"avatar": frame.avatar, "width": width, "height": height}
         messages.append(wire.event_message(event, frame.index, frame.pts, **details))
     return messages

@@ -5,8 +5,10 @@ clock since frame k carries exactly the samples from floor(k*16000/fps) on), so 
 however long the call lasts. A data channel the client opens carries the same messages as the
 WebSocket (audio and control in, JSON events and errors out); no frames go over it.
 
-The connection is the session's viewer: when it fails or closes, the session closes. Frames are made
-and sent once it is connected; a peer not connected `webrtc_connect_timeout_s` after its answer (no
+Video frames reach the encoder as I420 made from the avatar's cached images with the face patch
+converted alone (`media.encoding.video_frame`), and the encoders are set for real time on a server
+(`webrtc_codecs`). The connection is the session's viewer: when it fails or closes, the session
+closes. Frames are made and sent once it is connected; a peer not connected `webrtc_connect_timeout_s` after its answer (no
 route between the peers, a tab closed while connecting: ICE alone may never give up, as browsers'
 offers often lack a=end-of-candidates) closes the session too."""
 
@@ -38,13 +40,14 @@ from lipstream.config import Settings
 from lipstream.errors import BadRequestError, InputRateError, SessionNotFoundError
 from lipstream.media.encoding import EncodingPool, video_frame
 from lipstream.metrics import SERVER_FRAMES_SENT
-from lipstream.server import wire
+from lipstream.server import webrtc_codecs, wire
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession, SessionRegistry
 from lipstream.server.viewer import ClientMessages, InputLimits, frame_events
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
+webrtc_codecs.install()
 
 router = APIRouter()
 
@@ -113,12 +116,14 @@ class SessionFeed:
         self._pending = pending[whole:]
 
     async def handle(self, frame: OutputFrame) -> None:
-        """One frame of the session: its events, its image (copied and converted on the encoding
-        pool), its audio."""
+        """One frame of the session: its events, its image (made on the encoding pool), its audio."""
         for event in frame_events(self.entry, frame):
             self._send(event)
-        self.video.offer(await self.encoding.encode(self.entry.size[0] * self.entry.size[1], video_frame, frame.image,
-                                                    self.entry.output_height, frame.pts))
+        began = time.perf_counter()
+        height, width = frame.compositor.frame_size
+        self.video.offer(await self.encoding.encode(height * width, video_frame, frame))
+        if "speech_started" in frame.events:  # the track's encoder and the network take it from here
+            self.entry.session.record_delivery(frame.index, time.perf_counter() - began, 0.0)
         if self._samples_sent is None:  # the audio clock starts where the video's does
             self._samples_sent = round(frame.pts * SAMPLE_RATE)
         self._push_audio(frame.audio)

@@ -448,7 +448,8 @@ def calibrate(capacity: Capacity, engine: Engine, *, encode: Callable[[np.ndarra
     """Time each stage of `engine` once on a synthetic 720p avatar and report the figures to
     `capacity`: live features of half a second of speech, generate at batch 1 and at `max_batch` (the
     second size only when a frame takes under 50 ms, so a slow engine calibrates in seconds),
-    compositing a batch of 4 and `encode(frame)` of one frame (uint8 [720, 1280, 3] BGR)."""
+    compositing a batch of 4 into patches and `encode(frame)` of one whole frame (uint8 [720, 1280, 3]
+    BGR). Run it where the engine's work runs (the scheduler runs it on its worker)."""
     from lipstream.stream.compositor import Compositor
     from lipstream.synthetic import speech as synthetic_speech
 
@@ -466,10 +467,10 @@ def calibrate(capacity: Capacity, engine: Engine, *, encode: Callable[[np.ndarra
     chunk = 320
     rows = []
     for start in range(0, speech.shape[0], chunk):
-        out, timing = timed(stream.push, speech[start:start + chunk])
+        (out,), timing = timed(synchronized, engine.feature_passes, [(stream, speech[start:start + chunk])])
         capacity.observe_features(engine.name, int(out.shape[0]), timing)
         rows.append(out)
-    rows.append(stream.flush())
+    rows.append(engine.feature_passes([(stream, None)])[0])
     conditioning = torch.cat([r for r in rows if r.shape[0]])
 
     def generate(batch: int) -> tuple[torch.Tensor, Timing]:
@@ -486,15 +487,20 @@ def calibrate(capacity: Capacity, engine: Engine, *, encode: Callable[[np.ndarra
     compositor = Compositor(avatar, engine.device)
     batch = min(4, faces.shape[0])
     for _ in range(2):
-        frames, timing = timed(synchronized, compositor.compose, list(range(batch)), faces[:batch])
+        _, timing = timed(synchronized, compositor.patches, list(range(batch)), faces[:batch])
         capacity.observe_composite(engine.name, batch, pixels, timing)
+    frame = compositor.compose([0], faces[:1])[0]
     for _ in range(2):
-        capacity.observe_encode(pixels, timed(encode, frames[0])[1])
+        capacity.observe_encode(pixels, timed(encode, frame)[1])
 
 
 def synchronized(fn: Callable[..., T], *args) -> T:
-    """fn(*args), waiting for a CUDA tensor result to be computed (so that timing it times the work)."""
+    """fn(*args), waiting for the CUDA work it launched (so that timing it times the work)."""
     result = fn(*args)
-    if isinstance(result, torch.Tensor) and result.device.type == "cuda":
-        torch.cuda.synchronize(result.device)
+    device = torch.device("cpu")
+    for value in result if isinstance(result, list) else [result]:
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            device = value.device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     return result

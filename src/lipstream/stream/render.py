@@ -28,7 +28,7 @@ from lipstream.avatar.model import Avatar
 from lipstream.engines.base import Engine, take
 from lipstream.errors import AudioTooShortError
 from lipstream.media.output import OutputThread, open_output
-from lipstream.stream.compositor import Compositor, Frames
+from lipstream.stream.compositor import Compositor
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ def check_render_audio(audio: np.ndarray, fps: int) -> int:
 
 
 def render_frames(avatar: Avatar, engine: Engine, audio: np.ndarray, *, fps: int = 25,
-                  batch_size: int = 4, compositor: Compositor | None = None) -> Iterator[Frames]:
+                  batch_size: int = 4, compositor: Compositor | None = None) -> Iterator[np.ndarray]:
     """The video for `audio` (float32 [N] 16 kHz mono), batch by batch: uint8 [b, H, W, 3] BGR frames
-    (b <= batch_size; NumPy on the CPU, else tensors on the engine's device), floor(N/16000*fps) in all.
+    on the host (b <= batch_size), floor(N/16000*fps) in all.
     Silent frames are `compositor.idle` (the avatar's own); the voiced ones of a batch are generated.
 
     compositor: one for `avatar` on the engine's device (made here when None)."""

@@ -1,10 +1,13 @@
 """A live session: one viewer's avatar, speaking the audio pushed to it, frame by frame on one clock.
 
     push_audio(chunk) ... end_speech()        an utterance (int16/float32 16 kHz mono)
-      -> feature stream (scheduler's feature thread)   per-frame conditioning + energy gate
+      -> Scheduler.features (the device worker)        per-frame conditioning; energy gate (here)
       -> Scheduler.submit (frames within `ahead_s` of the clock, deadline = the frame's due time)
-      -> engine batch + compositing (scheduler threads)  -> the composited frame, ready
+      -> engine batch + compositing (the device worker)  -> the frame's face patch, on the host
     next_frame() / frames()                    OutputFrame k: image, the audio it carries, events
+
+The session runs on the event loop and never touches a tensor: feature rows and the avatar's
+material are handed to the scheduler as they are, and what comes back is host memory.
 
 Behaviour:
 - With no speech queued the avatar's idle cycle plays, untouched; the cycle position only moves on.
@@ -34,26 +37,26 @@ Frame k carries the 16 kHz samples [floor(k*16000/fps), floor((k+1)*16000/fps)) 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from lipstream.audio import gate
 from lipstream.audio.features import check_fps
 from lipstream.audio.load import SAMPLE_RATE
 from lipstream.avatar.model import Avatar
-from lipstream.engines.base import Engine, Material, take
+from lipstream.engines.base import Engine, Material
 from lipstream.errors import QueueFullError, SessionClosedError
 from lipstream.metrics import ACTIVE_SESSIONS, DROPPED_FRAMES, FIRST_FRAME_SECONDS, FRAMES, STALLED_FRAMES
 from lipstream.stream.clock import MediaClock
-from lipstream.stream.compositor import Compositor
+from lipstream.stream.compositor import Compositor, FacePatch
 from lipstream.stream.pcm import to_pcm16
-from lipstream.stream.scheduler import Scheduler
+from lipstream.stream.scheduler import FrameResult, Scheduler
 from lipstream.stream.utterance import Utterance
 
 log = logging.getLogger(__name__)
@@ -67,9 +70,11 @@ class OutputFrame:
     """One frame of a session's output.
 
     index: frame number since the session started. pts: index / fps, seconds.
-    image: uint8 [H, W, 3] BGR: an np.ndarray from a CPU compositor, a torch tensor on the device of a
-      CUDA compositor (copy it to the host to encode). Frames showing the avatar's own frame (idle,
-      silent, late) are views of it without a copy: read-only arrays on the CPU; do not write to them.
+    base: the avatar's own frame at this cycle position, uint8 [H, W, 3] BGR, a read-only view (at the
+      compositor's size: the streamed size). patch: where this frame differs from `base` (its face),
+      or None (idle, silent and late frames show `base` itself). image: the whole frame, uint8
+      [H, W, 3] BGR: `base`, or a copy of it with the patch pasted, made on first use (a transport
+      that sends patches never makes it); read-only in spirit: do not write to it.
     audio: int16 [n] mono 16 kHz, the samples that play during this frame (n = 16000/fps, give or
       take one): speech, or zeros when idle or stalled.
     speaking: an utterance is playing (also through its silent stretches).
@@ -77,28 +82,35 @@ class OutputFrame:
       "speech_ended" (first frame after one; also after an interrupted one), "interrupted" (first
       frame after interrupt()), "avatar_changed" (first frame of the avatar switch_avatar() gave).
     cycle: the avatar cycle frame the image is built on (0 <= cycle < len(avatar)).
-    avatar: the name of the avatar shown.
+    avatar: the name of the avatar shown. compositor: the one that made it (its size, its images).
     speech_samples: how many of `audio`'s first samples are the utterance's own audio; the rest is
       silence the session adds (idle and stalled frames, and the end of an utterance's last frame)."""
 
     index: int
     pts: float
-    image: np.ndarray | torch.Tensor
+    base: np.ndarray
     audio: np.ndarray
     speaking: bool
     events: list[str]
     cycle: int
     avatar: str
     speech_samples: int
+    compositor: Compositor
+    patch: FacePatch | None = field(default=None)
+
+    @functools.cached_property
+    def image(self) -> np.ndarray:
+        return self.base if self.patch is None else self.patch.paste(self.base)
 
 
 class Session:
     """One viewer of `avatar`, spoken by `engine` through the device's `scheduler` (started).
 
     fps: output frame rate (int). compositor: a Compositor for `avatar` (share one between the
-    sessions of an avatar; made here on the engine's device when None). clock: a MediaClock at `fps`
-    (tests inject one with a fake `now`). max_queue_s: most unplayed speech held; more raises
-    QueueFullError. material: `engine.material(avatar)` (share it; computed here when None).
+    sessions of an avatar; made here on the engine's device when None; its `height` is the size of
+    the frames). clock: a MediaClock at `fps` (tests inject one with a fake `now`). max_queue_s: most
+    unplayed speech held; more raises QueueFullError. material: `engine.material(avatar)` (share it;
+    the server makes it on the device worker; computed here, on the calling thread, when None).
     silence_dbfs / hangover_frames: the energy gate (`audio.gate`; hangover None: the engine's
     `silence_hangover_ms`). ahead_s: how far ahead of the clock frames are
     handed to the scheduler. max_lag_s: a consumer of `frames()` further behind than this resumes in
@@ -154,6 +166,8 @@ class Session:
                                       "avatar_changes"), 0)
         self._first_frame_ms: float | None = None
         self._first_audio_to_frame_ms: float | None = None
+        self._first_stages: dict[str, float] | None = None
+        self._first_index: int | None = None  # frame index of the last utterance's first frame
         ACTIVE_SESSIONS.inc()
 
     # ---- input ----------------------------------------------------------------------------------
@@ -244,7 +258,7 @@ class Session:
         if head is not None and not head.started and self._can_start(head):
             self._start(head, events)
         if head is not None and head.started:
-            cycle, image, audio, speech = self._speech_frame(head, k)
+            cycle, patch, audio, speech = self._speech_frame(head, k)
             speaking = True
             if head.finished():
                 self._utterances.popleft()
@@ -255,7 +269,7 @@ class Session:
                 self._counts["held_frames"] += 1
             else:
                 self._cycle += 1
-            image = self._idle(cycle)
+            patch = None
             audio = np.zeros(self.clock.audio_samples(k), np.int16)
             speaking, speech = False, 0
         self._k += 1
@@ -263,8 +277,8 @@ class Session:
         self._counts["speech_frames"] += speaking
         _FRAMES_BY_KIND[speaking].inc()
         self._submit_ready()
-        return OutputFrame(k, self.clock.pts(k), image, audio, speaking, events, cycle % self._cycle_length,
-                           self.avatar.name, speech)
+        return OutputFrame(k, self.clock.pts(k), self.compositor.frame(cycle), audio, speaking, events,
+                           cycle % self._cycle_length, self.avatar.name, speech, self.compositor, patch)
 
     @property
     def speaking(self) -> bool:
@@ -291,8 +305,12 @@ class Session:
         by `auto_end_ms`), avatar_changes; avatar (the one shown);
         speaking; queue depths: utterances_queued, audio_queued_s, frames_featured (features waiting
         to be shown), frames_in_flight (at the scheduler); first_frame_ms (last utterance: from the
-        audio that made its frame 0 computable to that frame being shown) and first_audio_to_frame_ms
-        (from its first audio)."""
+        audio that made its frame 0 computable to that frame being shown), first_audio_to_frame_ms
+        (from its first audio) and first_frame_stages_ms, where that time went: audio_wait (first
+        audio -> the audio that completed frame 0's features), features (-> its features back),
+        queue (-> its engine batch started), engine, composite (-> its face on the host), show (->
+        shown: delivery and the frame clock), then encode and send (added by the transport that
+        sent it, `record_delivery`)."""
         return {
             "id": self.id,
             "avatar": self.avatar.name,
@@ -305,7 +323,14 @@ class Session:
             "frames_in_flight": sum(not f.done() for utt in self._utterances for f in utt.futures.values()),
             "first_frame_ms": self._first_frame_ms,
             "first_audio_to_frame_ms": self._first_audio_to_frame_ms,
+            "first_frame_stages_ms": None if self._first_stages is None else dict(self._first_stages),
         }
+
+    def record_delivery(self, index: int, encode_s: float, send_s: float) -> None:
+        """A transport's part in frame `index`: encoding it took `encode_s`, sending it `send_s`; kept in
+        `first_frame_stages_ms` when it is the last utterance's first frame."""
+        if index == self._first_index and self._first_stages is not None:
+            self._first_stages.update(encode=1000 * encode_s, send=1000 * send_s)
 
     # ---- teardown -------------------------------------------------------------------------------
 
@@ -336,9 +361,6 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionClosedError(f"session {self.id} is closed; open a new session")
-
-    def _idle(self, cycle: int) -> np.ndarray | torch.Tensor:
-        return self.compositor.frame(cycle)
 
     def _drop_speech(self) -> None:
         for utt in self._utterances:
@@ -378,21 +400,26 @@ class Session:
             self._first_frame_ms = 1000 * (now - ready_at)
             FIRST_FRAME_SECONDS.observe(now - ready_at)
         self._first_audio_to_frame_ms = 1000 * (now - utt.first_push_at)
+        self._first_index = self._k
+        future = utt.futures.get(0)
+        done = future is not None and future.done() and not future.cancelled() and future.exception() is None
+        self._first_stages = _first_frame_stages(utt, now, future.result() if done else None)
 
-    def _speech_frame(self, utt: Utterance, k: int) -> tuple[int, np.ndarray | torch.Tensor, np.ndarray, int]:
-        """Frame k inside a showing utterance: (cycle position, image, audio, how many of the audio's
-        first samples are the utterance's)."""
+    def _speech_frame(self, utt: Utterance, k: int) -> tuple[int, FacePatch | None, np.ndarray, int]:
+        """Frame k inside a showing utterance: (cycle position, its face patch or None, audio, how many
+        of the audio's first samples are the utterance's)."""
         cycle = self._cycle
         j = utt.next_j
+        patch = None
         if j < utt.featured:
-            image = None
             if utt.voiced.pop(j):
                 future = utt.futures.pop(j, None)
                 if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-                    image = future.result()  # None: the scheduler shed it (it could not be ready in time)
+                    result = future.result()  # None: the scheduler shed it (it could not be ready in time)
+                    patch = None if result is None else result.image
                 elif future is not None:
                     future.cancel()
-                if image is None:
+                if patch is None:
                     self._counts["dropped_frames"] += 1
                     DROPPED_FRAMES.inc()
             utt.conditioning.pop(j, None)
@@ -401,13 +428,11 @@ class Session:
         elif not utt.flushed:  # the client is behind: hold audio and video together
             self._counts["stalled_frames"] += 1
             STALLED_FRAMES.inc()
-            return cycle, self._idle(cycle), np.zeros(self.clock.audio_samples(k), np.int16), 0
-        else:  # audio past the last whole frame
-            image = None
+            return cycle, None, np.zeros(self.clock.audio_samples(k), np.int16), 0
         self._cycle += 1
         n = self.clock.audio_samples(k)
         speech = min(n, utt.queued_samples)
-        return cycle, self._idle(cycle) if image is None else image, utt.take_audio(n), speech
+        return cycle, patch, utt.take_audio(n), speech
 
     def _submit_ready(self) -> None:
         """Hand the frames due within `ahead_s` to the scheduler, in display order. An utterance not
@@ -423,8 +448,9 @@ class Session:
             else:
                 if utt.featured == 0:
                     return
-                if utt.c0 is None:
-                    expected = self.clock.frame_at(self.clock.now() + self.scheduler.expected_latency_s())
+                if utt.c0 is None:  # when frame 0 can be ready, and the frames after it keep pace
+                    lead = self.scheduler.expected_latency_s() + self._stream.start_lead_s(utt.pcm.end)
+                    expected = self.clock.frame_at(self.clock.now() + lead)
                     utt.c0 = cycle_base + max(0, expected - base)
                 first = base + max(0, utt.c0 - cycle_base)
             for j in range(utt.submitted, utt.featured):
@@ -432,10 +458,10 @@ class Session:
                     return
                 conditioning = utt.conditioning[j]  # kept until shown (an avatar switch submits it again)
                 if utt.voiced[j]:
-                    cycle = utt.c0 + j
-                    utt.futures[j] = self.scheduler.submit(
-                        self.id, take(self._material, [cycle % self._cycle_length]), conditioning,
-                        self.clock.due(first + j), cycle=cycle % self._cycle_length, compositor=self.compositor)
+                    cycle = (utt.c0 + j) % self._cycle_length
+                    utt.futures[j] = self.scheduler.submit(self.id, self._material, cycle, conditioning,
+                                                           self.clock.due(first + j), cycle=cycle,
+                                                           compositor=self.compositor)
                 utt.submitted = j + 1
             if not utt.flushed:
                 return
@@ -470,7 +496,8 @@ class Session:
         return None
 
     async def _feed(self) -> None:
-        """The session's feature task: audio -> features, in order, one pass at a time."""
+        """The session's feature task: audio -> features, in order, one pass at a time (on the
+        scheduler's worker, batched with the other sessions' passes)."""
         while not self._closed:
             job = self._next_feature_job()
             if job is None:
@@ -484,10 +511,11 @@ class Session:
                 self._stream_owner = utt
             input_at = utt.last_push_at if chunk is not None else utt.ended_at
             try:
-                if chunk is None:
-                    conditioning = await self.scheduler.run_features(self._stream.flush)
-                else:
-                    conditioning = await self.scheduler.run_features(self._stream.push, chunk)
+                rows = await self.scheduler.features(self.id, self._stream, chunk, self._feature_deadline(utt))
+            except asyncio.CancelledError:
+                if self._closed or utt.cancelled:
+                    continue
+                raise
             except Exception:
                 if utt.cancelled:
                     continue
@@ -496,7 +524,30 @@ class Session:
                 continue
             if utt.cancelled:
                 continue
-            utt.add_features(conditioning, input_at)
+            utt.add_features(rows, input_at, self.clock.now())
             if chunk is None:
                 utt.flushed = True
             self._submit_ready()
+
+    def _feature_deadline(self, utt: Utterance) -> float:
+        """When a pass of `utt` is due: at once before it shows (its first frame waits for it), else when
+        its next frame without features must go to the engine."""
+        if not utt.started or not self._utterances or self._utterances[0] is not utt:
+            return self.clock.now()
+        return self.clock.due(self._k + utt.featured - utt.next_j) - self.scheduler.expected_latency_s()
+
+
+def _first_frame_stages(utt: Utterance, shown_at: float, result: FrameResult | None) -> dict[str, float]:
+    """Where an utterance's first frame spent its time (see `Session.stats`), in ms."""
+    stages: dict[str, float] = {}
+    if utt.frame0_input_at is not None:
+        stages["audio_wait"] = 1000 * (utt.frame0_input_at - utt.first_push_at)
+    if utt.frame0_featured_at is not None and utt.frame0_input_at is not None:
+        stages["features"] = 1000 * (utt.frame0_featured_at - utt.frame0_input_at)
+    rest = 1000 * (shown_at - (utt.frame0_featured_at or shown_at))
+    if result is not None:
+        stages.update(queue=1000 * result.queued_s, engine=1000 * result.engine_s,
+                      composite=1000 * result.composite_s)
+        rest -= 1000 * (result.queued_s + result.engine_s + result.composite_s)
+    stages["show"] = max(0.0, rest)
+    return stages

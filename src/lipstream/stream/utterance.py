@@ -7,6 +7,7 @@ own frame."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,13 +35,14 @@ class Utterance:
         self.played = 0  # samples played
         self.c0: int | None = None  # cycle frame of frame 0, fixed when frame 0 is submitted
         self.started = False
-        self.conditioning: dict[int, torch.Tensor] = {}  # j -> [1, ...] until shown
+        self.conditioning: dict[int, torch.Tensor] = {}  # j -> its conditioning row (device), until shown
         self.voiced: dict[int, bool] = {}  # j -> voiced, until shown
         self.futures: dict[int, asyncio.Future] = {}  # j -> the scheduler's result, until shown
         self.first_push_at: float | None = None  # arrival of the first audio
         self.last_push_at: float | None = None  # arrival of the latest audio
         self.ended_at: float | None = None
         self.frame0_input_at: float | None = None  # arrival of the audio that completed frame 0's features
+        self.frame0_featured_at: float | None = None  # when frame 0's features came back
 
     def append(self, pcm: np.ndarray, now: float) -> None:
         """pcm: int16 [n] arriving at `now`."""
@@ -54,15 +56,16 @@ class Utterance:
         """Samples pushed but not played yet."""
         return self.pcm.end - self.played
 
-    def add_features(self, conditioning: torch.Tensor, input_at: float | None) -> None:
-        """conditioning: [k, ...] for frames [featured, featured + k), in order; input_at: arrival time of
-        the newest audio they were computed from."""
-        if conditioning.shape[0] and self.featured == 0:
-            self.frame0_input_at = input_at
-        for row in range(conditioning.shape[0]):
+    def add_features(self, rows: Sequence[torch.Tensor], input_at: float | None, now: float) -> None:
+        """rows: the conditioning of frames [featured, featured + k), one per frame, in order (held, never
+        computed with here); input_at: arrival time of the newest audio they were computed from; now:
+        when they came."""
+        if rows and self.featured == 0:
+            self.frame0_input_at, self.frame0_featured_at = input_at, now
+        for row in rows:
             j = self.featured
             self.voiced[j] = self.gate(self.pcm.read(j * SAMPLE_RATE // self.fps, (j + 1) * SAMPLE_RATE // self.fps))
-            self.conditioning[j] = conditioning[row:row + 1]
+            self.conditioning[j] = row
             self.featured += 1
         self._release()
 

@@ -142,6 +142,7 @@ function onServerText(text) {
     state.speaking = false;
     log("Stopped.");
   } else {
+    player?.avatarChanged();
     showAvatar(message.avatar, message.width, message.height);
     $("avatar").value = message.avatar;
     log(`Now showing ${message.avatar}.`);
@@ -219,52 +220,71 @@ async function connectWebRTC() {
   sendControl = (message) => channel.readyState === "open" && channel.send(JSON.stringify(message));
 }
 
-// ---- WebSocket: binary frames (header + PCM16 audio + JPEG) played on the audio clock ----
+// ---- WebSocket: patch frames (the avatar's images once, each frame's face patch) on the audio clock ----
+// Format: lipstream/server/wire.py. "LSI1" image messages are kept (as JPEG blobs) until the avatar
+// changes; an "LSP1" frame draws its image, then the part of its patch JPEG the message names.
 
 function makePlayer() {
   const context = new AudioContext();
   const canvas = $("canvas");
   const ctx2d = canvas.getContext("2d");
-  const queue = [];  // {at, bitmap} in the player's clock, oldest first
+  const queue = [];  // {at, image, patch, rect} in the player's clock, oldest first
+  const images = new Map();  // image number -> JPEG blob
   let offset = null;  // player time of pts 0
   const now = () => (context.state === "running" ? context.currentTime : performance.now() / 1000);
   let running = true;
+  const release = (f) => { f.image.close(); if (f.patch) f.patch.close(); };
   const draw = () => {
     if (!running) return;
     const t = now();
     let shown = null;
     while (queue.length && queue[0].at <= t) {
-      if (shown) shown.bitmap.close();
+      if (shown) release(shown);
       shown = queue.shift();
     }
     if (shown) {
-      if (canvas.width !== shown.bitmap.width || canvas.height !== shown.bitmap.height) {
-        canvas.width = shown.bitmap.width;
-        canvas.height = shown.bitmap.height;
+      if (canvas.width !== shown.image.width || canvas.height !== shown.image.height) {
+        canvas.width = shown.image.width;
+        canvas.height = shown.image.height;
       }
-      ctx2d.drawImage(shown.bitmap, 0, 0);
-      shown.bitmap.close();
+      ctx2d.drawImage(shown.image, 0, 0);
+      if (shown.patch) {
+        const [x, y, dx, dy, dw, dh] = shown.rect;
+        ctx2d.drawImage(shown.patch, dx - x, dy - y, dw, dh, dx, dy, dw, dh);
+      }
+      release(shown);
       frameShown();
     }
     requestAnimationFrame(draw);
   };
   requestAnimationFrame(draw);
+  const jpeg = (buffer, offset, length) => new Blob([new Uint8Array(buffer, offset, length)], { type: "image/jpeg" });
   return {
     context,
+    avatarChanged() { images.clear(); },
     async frame(buffer) {
       const view = new DataView(buffer);
-      if (buffer.byteLength < 28 || view.getUint32(0, true) !== 0x3146534c) return;  // "LSF1"
+      if (buffer.byteLength < 12) return;
+      const magic = view.getUint32(0, true);
+      if (magic === 0x3149534c) {  // "LSI1": an image
+        images.set(view.getUint32(4, true), jpeg(buffer, 12, view.getUint32(8, true)));
+        return;
+      }
+      if (magic !== 0x3150534c || buffer.byteLength < 44) return;  // "LSP1": a frame
       const pts = view.getFloat64(8, true);
       const samples = view.getUint32(20, true);
-      const jpegBytes = view.getUint32(24, true);
-      const pcm = new Int16Array(buffer, 28, samples);
-      const bitmap = await createImageBitmap(new Blob([new Uint8Array(buffer, 28 + 2 * samples, jpegBytes)],
-        { type: "image/jpeg" }));
-      if (!running) { bitmap.close(); return; }
+      const blob = images.get(view.getUint32(24, true));
+      if (!blob) return;
+      const rect = [28, 30, 32, 34, 36, 38].map((at) => view.getUint16(at, true));
+      const patchBytes = view.getUint32(40, true);
+      const pcm = new Int16Array(buffer, 44, samples);
+      const [image, patch] = await Promise.all([createImageBitmap(blob), rect[4] && patchBytes
+        ? createImageBitmap(jpeg(buffer, 44 + 2 * samples, patchBytes)) : null]);
+      if (!running) { image.close(); if (patch) patch.close(); return; }
       const t = now();
       if (offset === null || offset + pts < t) offset = t + 0.12 - pts;  // start, or late: re-anchor
       const at = offset + pts;
-      queue.push({ at, bitmap });
+      queue.push({ at, image, patch, rect });
       if (context.state === "running" && samples > 0) {
         const audio = context.createBuffer(1, samples, 16000);
         const channel = audio.getChannelData(0);
@@ -275,7 +295,7 @@ function makePlayer() {
         source.start(at);
       }
     },
-    stop() { running = false; queue.forEach((f) => f.bitmap.close()); context.close(); },
+    stop() { running = false; queue.forEach(release); context.close(); },
   };
 }
 
@@ -283,7 +303,7 @@ async function connectWebSocket() {
   player = makePlayer();
   player.context.resume().catch(() => {});
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${scheme}://${location.host}/api/sessions/${session.id}/ws?key=${encodeURIComponent(apiKey)}`);
+  ws = new WebSocket(`${scheme}://${location.host}/api/sessions/${session.id}/ws?frames=patches&key=${encodeURIComponent(apiKey)}`);
   ws.binaryType = "arraybuffer";
   ws.onmessage = (e) => (typeof e.data === "string" ? onServerText(e.data) : player?.frame(e.data));
   await new Promise((resolve, reject) => {
