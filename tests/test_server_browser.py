@@ -7,6 +7,7 @@ full server. Then SIGTERM: the server closes its sessions and exits cleanly."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
+from lipstream.client import LipstreamClient
 from lipstream.synthetic import astronaut_bgr, speech
 from server_helpers import SR, free_port, narrow_avatar, store_avatar, wav_bytes
 
@@ -43,9 +45,15 @@ def microphone_wav(tmp_path_factory) -> Path:
     return path
 
 
+async def wait_ready(url: str, key: str) -> None:
+    async with LipstreamClient(url, key) as client:
+        await client.wait_ready(60)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`lipstream serve` in a subprocess; yields (page URL with its key, the process, its output lines)."""
+    """`lipstream serve` in a subprocess, once /ready says it is; yields (page URL with its key, the process,
+    its output lines)."""
     root = tmp_path_factory.mktemp("avatars")
     store_avatar(root)
     store_avatar(root, "narrow", avatar=narrow_avatar())
@@ -65,6 +73,8 @@ def server(tmp_path_factory):
         assert line and time.monotonic() < deadline, "the server did not start:\n" + "".join(lines)
         lines.append(line)
         url = url or (re.search(r"open (http://\S+\?key=\S+)", line) or [None, None])[1]
+    # serving starts before the engine has warmed up; until then new sessions are refused (503)
+    asyncio.run(wait_ready(f"http://127.0.0.1:{port}", url.split("?key=")[1]))
     yield url, process, lines
     if process.poll() is None:
         process.kill()
