@@ -87,13 +87,16 @@ def replica(name: str, **stats) -> Replica:
 
 
 def test_placement_prefers_ready_replicas_with_the_most_free_sessions():
-    full, roomy, draining, loading = (replica("full", free_sessions=0, free_fps=0.0),
-                                      replica("roomy", free_sessions=3, free_fps=75.0),
-                                      replica("draining", free_sessions=9, draining=True),
-                                      Replica(ReplicaID("loading", DEPLOYMENT), {}))
-    order = placement_order([full, loading, draining, roomy], {})
-    assert [r.replica_id.unique_id for r in order][:2] == ["roomy", "full"]
-    assert {r.replica_id.unique_id for r in order[2:]} == {"draining", "loading"}
+    """Then one that has not reported yet (just started by the autoscaler: it may have room), then a full
+    one (it answers 503), then those that cannot take a session."""
+    full, roomy, draining, new, loading = (replica("full", free_sessions=0, free_fps=0.0),
+                                           replica("roomy", free_sessions=3, free_fps=75.0),
+                                           replica("draining", free_sessions=9, draining=True),
+                                           Replica(ReplicaID("new", DEPLOYMENT), {}),
+                                           replica("loading", ready=False))
+    order = placement_order([full, loading, draining, new, roomy], {})
+    assert [r.replica_id.unique_id for r in order][:3] == ["roomy", "new", "full"]
+    assert {r.replica_id.unique_id for r in order[3:]} == {"draining", "loading"}
 
 
 def test_placement_counts_the_sessions_placed_that_a_replica_s_report_cannot_count_yet():

@@ -68,16 +68,18 @@ def server(tmp_path_factory):
     lines = []
     url = None
     deadline = time.monotonic() + 90
-    while url is None or not any("Application startup complete" in line for line in lines):
-        line = process.stdout.readline()
-        assert line and time.monotonic() < deadline, "the server did not start:\n" + "".join(lines)
-        lines.append(line)
-        url = url or (re.search(r"open (http://\S+\?key=\S+)", line) or [None, None])[1]
-    # serving starts before the engine has warmed up; until then new sessions are refused (503)
-    asyncio.run(wait_ready(f"http://127.0.0.1:{port}", url.split("?key=")[1]))
-    yield url, process, lines
-    if process.poll() is None:
-        process.kill()
+    try:
+        while url is None or not any("Application startup complete" in line for line in lines):
+            line = process.stdout.readline()
+            assert line and time.monotonic() < deadline, "the server did not start:\n" + "".join(lines)
+            lines.append(line)
+            url = url or (re.search(r"open (http://\S+\?key=\S+)", line) or [None, None])[1]
+        # serving starts before the engine has warmed up; until then new sessions are refused (503)
+        asyncio.run(wait_ready(f"http://127.0.0.1:{port}", url.split("?key=")[1]))
+        yield url, process, lines
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.fixture(scope="module")

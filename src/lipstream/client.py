@@ -312,7 +312,8 @@ class RemoteSession:
     """A session on a server with its WebSocket connected (made by `LipstreamClient.open_session`).
 
     id, avatar, engine, fps, width, height: the session's (the frames' size after the server's scaling);
-    hello: the server's first message. Use from one task at a time for sending and one for `frames()`."""
+    hello: the server's first message; bytes_received: of the binary messages (images and frames) so
+    far. Use from one task at a time for sending and one for `frames()`."""
 
     def __init__(self, client: LipstreamClient, ws: ClientConnection, info: dict):
         self.client = client
@@ -324,6 +325,7 @@ class RemoteSession:
         self.width: int = info["width"]
         self.height: int = info["height"]
         self.hello: dict = {}
+        self.bytes_received = 0
         self._ws = ws
         self._closed = False
         self._images = _Images()  # of a patch-frames connection: they come once, for every frames() call
@@ -376,6 +378,7 @@ class RemoteSession:
                     if event["type"] == "avatar_changed":
                         images.clear()
                 continue
+            self.bytes_received += len(message)
             try:
                 if message[:4] == wire.IMAGE_MAGIC:
                     images.add(*wire.unpack_image(message))

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(FRAME_SIZES), default="720p", help="bench avatar frame size")
     parser.add_argument("--output-height", type=int, default=0, help="streamed frame height (0: the avatar's)")
     parser.add_argument("--engine", choices=("warp", "auto", "musetalk"), default="warp")
+    parser.add_argument("--frames", choices=("patches", "jpeg"), default="patches",
+                        help="the WebSocket's frames: face patches (the default of the page and the client) or "
+                             "whole JPEGs")
     parser.add_argument("--sessions", type=int, default=2, help="sessions streaming at once (default 2)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long they stream (default 10)")
     parser.add_argument("--setups", type=int, default=5, help="session set-ups timed (default 5)")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     names = ["create_ms", "hello_ms", "first_frame_ms", "setup_ms", "ping_ms", "ping_p90_ms", "server_cpu_ms_per_frame",
              "proxy_cpu_ms_per_frame", "fps_per_session", "frame_kib"]
     print(format_table(headers, [[row["path"], *[row.get(n) for n in names]] for row in rows + added]))
-    settings = {key: getattr(args, key) for key in ("size", "output_height", "engine", "sessions", "seconds", "setups",
+    settings = {key: getattr(args, key) for key in ("size", "output_height", "engine", "frames", "sessions", "seconds", "setups",
                                                     "pings", "cpus_per_replica")}
     path = write_results("cluster", "cpu", {**settings, "device": device}, rows + added,
                          Path(args.out_dir) if args.out_dir else None)
@@ -138,7 +141,7 @@ async def _measure(url: str, key: str, pids: dict[str, list[int]], args: argpars
         avatar = (await client.avatars())[0]["name"]
         setups = [await _setup(client, avatar) for _ in range(args.setups)]
         rtts = await _round_trips(client, avatar, args.pings)
-        cpu_ms, fps, frame_kib = await _stream(client, avatar, pids, args.sessions, args.seconds)
+        cpu_ms, fps, frame_kib = await _stream(client, avatar, pids, args.sessions, args.seconds, args.frames)
     median = {name: round(statistics.median(s[name] for s in setups), 2) for name in setups[0]}
     return {**median, "ping_ms": round(statistics.median(rtts), 3),
             "ping_p90_ms": round(statistics.quantiles(rtts, n=10)[-1], 3),
@@ -185,25 +188,26 @@ async def _round_trips(client, avatar: str, count: int) -> list[float]:
             await client.close_session(info["id"])
 
 
-async def _stream(client, avatar: str, pids: dict[str, list[int]], sessions: int, seconds: float
+async def _stream(client, avatar: str, pids: dict[str, list[int]], sessions: int, seconds: float, frames: str
                   ) -> tuple[dict[str, float], float, float]:
-    """({what: CPU ms of its processes (`pids`) per frame delivered}, frames/s per session, KiB a frame
-    message carries: JPEG and audio) of `sessions` sessions read for `seconds`."""
-    opened = [await client.open_session(avatar) for _ in range(sessions)]
-    counts, sizes = [0] * sessions, [0] * sessions
+    """({what: CPU ms of its processes (`pids`) per frame delivered}, frames/s per session, KiB of
+    binary messages per frame) of `sessions` sessions (`frames`: their WebSocket's) read for `seconds`."""
+    opened = [await client.open_session(avatar, frames=frames) for _ in range(sessions)]
+    counts = [0] * sessions
     for session in opened:
         await anext(session.frames(color=None))
+    received = [session.bytes_received for session in opened]
     cpu_before, began = {what: _cpu_s(ids) for what, ids in pids.items()}, time.perf_counter()
 
     async def read(i: int) -> None:
-        async for frame in opened[i].frames(color=None):
+        async for _ in opened[i].frames(color=None):
             counts[i] += 1
-            sizes[i] += len(frame.jpeg) + 2 * frame.audio.size
             if time.perf_counter() - began >= seconds:
                 return
 
     await asyncio.gather(*(read(i) for i in range(sessions)))
     elapsed = time.perf_counter() - began
+    sizes = [session.bytes_received - before for session, before in zip(opened, received, strict=True)]
     cpu_ms = {what: 1e3 * (_cpu_s(ids) - cpu_before[what]) / max(1, sum(counts)) for what, ids in pids.items()}
     for session in opened:
         await session.aclose()

@@ -35,6 +35,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        "N replicas (Ray's autoscaler adds nodes when their GPUs are not there)")
     group.add_argument("--sessions-per-replica", type=float, metavar="NUM", help="sessions a replica holds, for "
                        "autoscaling (default: what each replica measures of its own capacity)")
+    group.add_argument("--headroom", type=float, default=1.0, metavar="NUM",
+                       help="free sessions autoscaling keeps ready for newcomers (default: 1)")
+    group.add_argument("--upscale-delay-s", type=float, default=10.0, metavar="S",
+                       help="autoscaling adds replicas once the sessions have needed them this long (default: 10)")
+    group.add_argument("--downscale-delay-s", type=float, default=120.0, metavar="S",
+                       help="autoscaling removes replicas once the sessions have not needed them this long "
+                            "(default: 120)")
     group.add_argument("--drain-timeout-s", type=float, default=86400.0, metavar="S",
                        help="a replica being scaled down takes no new sessions and waits this long at most for "
                             "its open ones to end (default: a day)")
@@ -58,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
         address=args.address, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         drain_timeout_s=args.drain_timeout_s, proxy_location=args.proxy_location,
-        sessions_per_replica=args.sessions_per_replica, frames=args.frames)
+        sessions_per_replica=args.sessions_per_replica, headroom=args.headroom,
+        upscale_delay_s=args.upscale_delay_s, downscale_delay_s=args.downscale_delay_s, frames=args.frames)
     print("lipstream: starting the cluster (Ray, the proxies, the replicas' engines)...", flush=True)
     cluster = launch.start(settings, options)
     try:

@@ -32,7 +32,9 @@ class ClusterOptions:
     autoscaling between them (starting at `replicas`, or min_replicas). gpus_per_replica: None: 1 where
     the Ray cluster has GPUs, else 0 (CPU replicas of the warp engine). address: a Ray cluster to join
     (None: start a local Ray). proxy_location: "EveryNode" or "HeadOnly" (Serve's HTTP proxies).
-    sessions_per_replica: the autoscaler's room per replica (None: what the replicas measure).
+    sessions_per_replica: the autoscaler's room per replica (None: what the replicas measure); headroom:
+    the free sessions it keeps; it scales up `upscale_delay_s` and down `downscale_delay_s` after the
+    need changed, from the sessions averaged over the last `look_back_s`.
     frames: "proxy": WebSocket frames go through Serve's proxy (one port); "direct": from the replica's
     own port, named in the session reply. num_cpus: CPUs of a local Ray (None: all)."""
 
@@ -45,6 +47,10 @@ class ClusterOptions:
     drain_timeout_s: float = 86400.0
     proxy_location: str = "EveryNode"
     sessions_per_replica: float | None = None
+    headroom: float = 1.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+    look_back_s: float = 30.0
     frames: str = "proxy"
     ready_timeout_s: float = 600.0
     num_cpus: float | None = None
@@ -114,10 +120,11 @@ def _deployment(settings: Settings, options: ClusterOptions, gpus_per_replica: f
     scaling: dict = {"num_replicas": replicas}
     if options.min_replicas is not None or options.max_replicas is not None:
         low, high = _bounds(options, replicas)
-        kwargs = {"sessions_per_replica": options.sessions_per_replica}
+        kwargs = {"sessions_per_replica": options.sessions_per_replica, "headroom": options.headroom}
         scaling = {"num_replicas": "auto", "autoscaling_config": AutoscalingConfig(
-            min_replicas=low, max_replicas=high, initial_replicas=replicas,
-            upscale_delay_s=10.0, downscale_delay_s=120.0,
+            min_replicas=low, max_replicas=high, initial_replicas=replicas, look_back_period_s=options.look_back_s,
+            metrics_interval_s=min(10.0, options.look_back_s / 2),
+            upscale_delay_s=options.upscale_delay_s, downscale_delay_s=options.downscale_delay_s,
             policy=AutoscalingPolicy(policy_function="lipstream.cluster.autoscale:SessionsPolicy",
                                      policy_kwargs={k: v for k, v in kwargs.items() if v is not None}))}
     return serve.deployment(

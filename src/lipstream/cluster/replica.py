@@ -74,6 +74,7 @@ class LipstreamReplica:
         self.directory = directory()
         self.stopping = False  # the cluster is stopping (the directory says so)
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+        self.server.state.before_shutdown = self._drain
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.server
@@ -143,10 +144,11 @@ class LipstreamReplica:
 
     # ---- stopping ---------------------------------------------------------------------------------
 
-    async def __del__(self):
-        """Serve stops this replica: drain (no new sessions; wait for the open ones, at most
-        drain_timeout_s, or until the cluster stops), then shut the server down."""
-        self.server.state.draining = True
+    async def _drain(self) -> None:
+        """Serve stops this replica (scaling down, a new version): awaited by the server's shutdown before
+        it closes its sessions (Serve runs the app's lifespan shutdown first when it stops an ingress
+        replica). No new sessions; wait for the open ones to end, at most drain_timeout_s, or until the
+        cluster stops; then leave the directory."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout_s
         while not self.stopping and loop.time() < deadline:
@@ -158,7 +160,6 @@ class LipstreamReplica:
             self._direct.should_exit = True
         with contextlib.suppress(Exception):
             await self.directory.leave.remote(self.name)
-        await super().__del__()  # Serve's ASGI wrapper: the app's lifespan shutdown closes what is left
 
 
 def _add_cluster_routes(app: FastAPI, replica: LipstreamReplica) -> None:

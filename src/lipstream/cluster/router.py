@@ -6,8 +6,8 @@ It reads the routing key the proxy middleware put in Serve's session header (`af
 - a request that makes a session or a job goes to the ready, not draining replica with the most free
   sessions, as each replica last reported them (`LipstreamReplica.record_routing_stats`, every
   `STATS_PERIOD_S`, stamped with the wall time), less the sessions this router placed on it that the
-  report cannot count yet; when every replica is full the one with the most goes first, and it
-  answers 503 with Retry-After;
+  report cannot count yet; a replica that has not reported yet (just started) comes next; when every
+  replica is full one of them answers 503 with Retry-After;
 - anything else goes to any replica (Serve's own choice among them by queue length)."""
 
 from __future__ import annotations
@@ -28,16 +28,23 @@ Placements = dict[ReplicaID, dict[str, float | None]]  # replica -> {request id:
 
 
 def placement_order(replicas: list[RunningReplica], placed: Placements) -> list[RunningReplica]:
-    """`replicas` best first for a new session: ready and not draining before the rest, then by free
-    sessions (less the sessions placed on it that its report may not count yet: still being made, or
-    made less than IN_FLIGHT_S before it), then by fewest such sessions (reports lag: spread the ties),
-    then by free frames/s."""
+    """`replicas` best first for a new session: those ready, not draining and with room first, then those
+    that have not reported yet (just started: they may have room), then the full ones (they answer 503),
+    then those not ready or draining. Within each, by free sessions (less the sessions placed on it that
+    its report may not count yet: still being made, or made less than IN_FLIGHT_S before it), then by
+    fewest such sessions (reports lag: spread the ties), then by free frames/s."""
     def rank(replica: RunningReplica) -> tuple:
         stats = replica.routing_stats or {}
-        usable = bool(stats.get("ready")) and not stats.get("draining")
         since = stats.get("at", 0.0) - IN_FLIGHT_S
         pending = sum(1 for done in placed.get(replica.replica_id, {}).values() if done is None or done > since)
-        return (not usable, -(stats.get("free_sessions", 0) - pending), pending, -stats.get("free_fps", 0.0))
+        free = stats.get("free_sessions", 0) - pending
+        if not stats:
+            tier = 1
+        elif not stats.get("ready") or stats.get("draining"):
+            tier = 3
+        else:
+            tier = 0 if free > 0 else 2
+        return (tier, -free, pending, -stats.get("free_fps", 0.0))
 
     return sorted(replicas, key=rank)
 

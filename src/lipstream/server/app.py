@@ -3,8 +3,9 @@
 At start (lifespan) it loads the engine and times its stages (the server's capacity), in the
 background, and cleans up what killed writers left (avatar build folders, upload folders): /health
 answers at once, /ready once that is done. Avatars load on first use. At shutdown (SIGTERM under
-uvicorn) every session is closed, with its viewer, the schedulers and the encoding pool stop, and
-avatar jobs end (a running one within `shutdown_grace_s`, queued ones failed)."""
+uvicorn) `app.state.before_shutdown` is awaited when set (a cluster replica drains there), then every
+session is closed, with its viewer, the schedulers and the encoding pool stop, and avatar jobs end (a
+running one within `shutdown_grace_s`, queued ones failed)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
         try:
             yield
         finally:
+            if state.before_shutdown is not None:  # a cluster replica drains here (its reaper still runs)
+                try:
+                    await state.before_shutdown()
+                except Exception:
+                    log.exception("before shutting down")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -86,6 +92,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engine_reaso
     state.ready = asyncio.Event()
     state.startup_error = None
     state.draining = False  # set: no new sessions (503), /ready answers 503; the open ones go on
+    state.before_shutdown = None  # an async callable awaited first at shutdown, before sessions close
 
     http_errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, read_timeout_s=settings.body_timeout_s)
