@@ -43,3 +43,13 @@ def make_scene(astronaut_bgr):
         return synthetic.make_scene(frame_hw, face_box, seed, photo=astronaut_bgr)
 
     return build
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A folder of avatars holding the astronaut ("astronaut"), for a module's servers."""
+    from server_helpers import store_avatar  # the server's stack: not on a bare GPU host (bench/gpu_pass.sh)
+
+    root = tmp_path_factory.mktemp("avatars")
+    store_avatar(root)
+    return root

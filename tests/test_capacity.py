@@ -16,7 +16,7 @@ from lipstream.metrics import FRAMES
 from lipstream.server.app import create_app
 from lipstream.stream.capacity import OVERHEAD_PRIOR_S, Capacity, Demand, Timing, calibrate
 from lipstream.stream.scheduler import Scheduler
-from server_helpers import server_settings, store_avatar
+from server_helpers import server_settings
 from stream_helpers import CountingWarp, FakeNow, small_avatar, worker_held
 
 PX_720P = 1280 * 720
@@ -148,13 +148,6 @@ async def test_frames_that_cannot_be_ready_in_time_are_shed_before_the_engine():
     assert [call[:, 0].tolist() for call in engine.calls] == [[0.5], [pytest.approx(0.9)]], "shed frames cost nothing"
     assert scheduler.stats()["shed"] == 3 and capacity.shed == 3 and capacity.behind()
     await scheduler.aclose()
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatars")
-    store_avatar(root)
-    return root
 
 
 def test_a_session_the_server_cannot_hold_is_refused_with_503_and_retry_after(root):

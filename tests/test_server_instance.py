@@ -12,16 +12,9 @@ from lipstream.config import instance_of, load_settings, scoped_id
 from lipstream.engines.warp import WarpEngine
 from lipstream.errors import SettingsError
 from lipstream.server.app import create_app, drain
-from server_helpers import LiveServer, server_settings, start, store_avatar
+from server_helpers import LiveServer, server_settings, start
 
 KEY = {"X-API-Key": "k-default"}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatars")
-    store_avatar(root)
-    return root
 
 
 def test_instance_names_are_checked_and_start_every_id():

@@ -21,16 +21,9 @@ from websockets.sync.client import connect
 from lipstream.engines.warp import WarpEngine
 from lipstream.server.app import create_app
 from lipstream.server.logs import install_key_redaction, redact_keys
-from server_helpers import LiveServer, server_settings, store_avatar
+from server_helpers import LiveServer, server_settings
 
 KEY = {"X-API-Key": "k-default"}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatars")
-    store_avatar(root)
-    return root
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:
