@@ -102,11 +102,14 @@ def browser(playwright, microphone_wav):
 class Page:
     """A page of the lipstream UI with what went wrong underneath it: console errors and HTTP replies >= 400."""
 
-    def __init__(self, browser, url: str, *, without_webrtc: bool = False):
+    def __init__(self, browser, url: str, *, without_webrtc: bool = False, routes: dict | None = None):
+        """routes: {URL pattern: handler} the browser answers from before the page loads."""
         self.context = browser.new_context()
         self.page = self.context.new_page()
         if without_webrtc:
             self.page.add_init_script("delete window.RTCPeerConnection")
+        for pattern, handler in (routes or {}).items():
+            self.page.route(pattern, handler)
         self.console_errors: list[str] = []
         self.failed: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
@@ -230,6 +233,42 @@ def test_a_refused_microphone_is_explained(server, playwright, microphone_wav):
         page.wait_text("#status", "^Disconnected")
     finally:
         browser.close()
+
+
+def loading_then(replies: int, body: dict):
+    """A handler of /ready: `replies` times the server's 503 with `body`, then the server's own answer."""
+    left = [replies]
+
+    def handle(route):
+        if left[0]:
+            left[0] -= 1
+            route.fulfill(status=503, content_type="application/json", body=json.dumps({"ready": False, **body}))
+        else:
+            route.continue_()
+
+    return handle
+
+
+def test_a_page_opened_while_the_server_starts_waits_for_it(server, browser):
+    """The server serves its page while it still loads its engine (/ready answers 503 "loading"): the
+    page says so, keeps Connect off and goes on by itself once the server is ready. This server is ready
+    already: the browser gives the page the loading replies, as the server words them, first."""
+    url, _, _ = server
+    page = Page(browser, url, routes={"**/ready": loading_then(2, {"loading": "engine"})})
+    try:
+        page.wait_text("#status", "^The server is starting: it is loading its engine")
+        assert not page.page.is_enabled("#connect")
+        page.wait_text("#status", "^Choose an avatar, then press Connect.$")
+        assert page.page.is_enabled("#connect") and "The server is ready." in page.text("#events")
+    finally:
+        page.close()
+    page = Page(browser, url, routes={"**/ready": loading_then(1, {"error": "RuntimeError: CUDA out of memory"})})
+    try:
+        error = page.wait_text("#error-text", "engine")
+        assert error == "The server cannot be used: the server could not load its engine: RuntimeError: CUDA out " \
+                        "of memory", error
+    finally:
+        page.close()
 
 
 def test_a_full_server_says_why(server, browser):

@@ -595,6 +595,41 @@ async function makeAvatar() {
   }
 }
 
+// ---- start: the server serves this page while it still loads its engine ----
+
+async function untilReady() {
+  let waiting = false;
+  for (;;) {
+    const reply = await fetch("/ready", { headers: { Authorization: `Bearer ${apiKey}` } });
+    const body = reply.headers.get("content-type")?.includes("json") ? await reply.json() : {};
+    if (reply.status !== 503 || !body.loading) {
+      if (body.error) throw new Error(`the server could not load its engine: ${body.error}`);
+      if (reply.status === 401 || reply.status === 403) throw replyError(reply.status, body.detail || reply.statusText);
+      break;  // ready, or draining: connecting says why not
+    }
+    if (!waiting) {
+      waiting = true;
+      $("connect").disabled = true;
+      setStatus("The server is starting: it is loading its engine, which takes a few seconds…");
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  if (waiting) {
+    $("connect").disabled = state.connected;
+    log("The server is ready.");
+  }
+}
+
+async function start() {
+  try {
+    await untilReady();
+  } catch (error) {
+    showError(`The server cannot be used: ${error.message}`);
+    return;
+  }
+  await loadAvatars().catch((e) => showError(`Could not list the avatars: ${e.message}`));
+}
+
 // ---- buttons ----
 
 $("connect").onclick = connect;
@@ -609,14 +644,14 @@ $("save-key").onclick = () => {
   apiKey = $("key").value.trim();
   localStorage.setItem("lipstream-key", apiKey);
   $("keybox").hidden = true;
-  loadAvatars().catch((e) => showError(`Could not list the avatars: ${e.message}`));
+  start();
 };
 if (params.get("transport")) $("transport").value = params.get("transport");
 if (!apiKey) {
   $("keybox").hidden = false;
   setStatus("Paste the access key to start.");
 } else {
-  loadAvatars().catch((e) => showError(`Could not list the avatars: ${e.message}`));
+  start();
 }
 window.addEventListener("pagehide", () => {  // the server closes a session whose viewer goes
   state.connected = false;
