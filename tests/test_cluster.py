@@ -10,6 +10,7 @@ and the offer, which the client follows; the same paths through the proxy are us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -26,7 +27,7 @@ from lipstream.bench.serve import free_port
 from lipstream.client import LipstreamClient
 from lipstream.cluster import launch, proxy
 from lipstream.cluster.router import STATS_PERIOD_S
-from lipstream.errors import OverloadedError, SessionClosedError
+from lipstream.errors import OverloadedError, SessionClosedError, SessionNotFoundError
 from server_helpers import server_settings, store_avatar
 
 pytestmark = pytest.mark.anyio
@@ -122,8 +123,9 @@ async def test_sessions_spread_over_the_replicas_and_every_request_reaches_its_o
                                                   if s["id"] == info["id"]] == ["webrtc"]
         for session in remote:
             await session.aclose()
-        for info in others:
-            await client.close_session(info["id"])
+        for info in others:  # their peer connections are closed already: their replicas may have closed them
+            with contextlib.suppress(SessionNotFoundError):
+                await client.close_session(info["id"])
         assert await client.sessions() == []
 
 
