@@ -18,7 +18,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     LIPSTREAM_HOST=0.0.0.0 \
     LIPSTREAM_PORT=2160 \
     HF_HOME=/workspace/.cache/huggingface \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/workspace/.cache/matplotlib
 
 # python3.12 + venv; espeak-ng for `lipstream demo`; curl for the health check
 RUN apt-get update \
