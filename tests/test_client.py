@@ -1,5 +1,5 @@
 """lipstream.client against a live server (uvicorn, warp engine): a session's speech in and frames out,
-a file over REST, interrupt, and each failure as its own LipstreamError."""
+a file over REST, interrupt, each failure as its own LipstreamError, and the metrics with their key."""
 
 from __future__ import annotations
 
@@ -101,3 +101,10 @@ async def test_errors_are_lipstream_errors(server):
     async with LipstreamClient(f"http://127.0.0.1:{free_port()}", "k-default", timeout_s=2) as client:
         with pytest.raises(ServerUnreachableError, match="cannot reach"):
             await client.open_session("astronaut")
+
+
+async def test_metrics_take_the_metrics_key_not_an_api_key(server):
+    async with LipstreamClient(server.url, "k-default") as client:
+        assert "# TYPE lipstream_server_viewers gauge" in await client.metrics("k-metrics")
+        with pytest.raises(ApiKeyError, match="metrics key"):
+            await client.metrics()

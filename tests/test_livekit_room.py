@@ -79,7 +79,7 @@ async def test_the_example_agent_has_a_face_in_a_livekit_room(tmp_path, mode):
                     async with LipstreamClient(lipstream.url, "k-default") as client:
                         [session] = await client.sessions()
                         assert session["viewer"] == "livekit"
-                        assert 'lipstream_server_viewers{transport="livekit"} 1.0' in await client.metrics()
+                        assert 'lipstream_server_viewers{transport="livekit"} 1.0' in await client.metrics("k-metrics")
                 else:
                     assert face.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
                 images = rtc.VideoStream(video.track)

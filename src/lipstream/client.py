@@ -108,10 +108,10 @@ def error_from_reply(reply: httpx.Response) -> LipstreamError:
         body = None
     body = body if isinstance(body, dict) else {}
     detail = str(body.get("detail") or reply.text[:300] or reply.reason_phrase)
-    cls = getattr(errors, str(body.get("error")), None)
-    if isinstance(cls, type) and issubclass(cls, OverloadedError) and reply.headers.get("retry-after", "").isdigit():
+    cls = _error_class(body.get("error"))
+    if cls is not None and issubclass(cls, OverloadedError) and reply.headers.get("retry-after", "").isdigit():
         return cls(detail, int(reply.headers["retry-after"]))
-    if isinstance(cls, type) and issubclass(cls, LipstreamError):
+    if cls is not None:
         return cls(detail)
     if reply.status_code in (401, 403):
         return ApiKeyError(detail)
@@ -128,8 +128,8 @@ class LipstreamClient:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
-        headers = {"X-API-Key": api_key} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -183,9 +183,11 @@ class LipstreamClient:
     async def config(self) -> dict:
         return (await self._request("GET", "/api/config")).json()
 
-    async def metrics(self) -> str:
-        """The server's Prometheus metrics, as text."""
-        return (await self._request("GET", "/metrics")).text
+    async def metrics(self, metrics_key: str | None = None) -> str:
+        """The server's Prometheus metrics, as text. metrics_key: the server's setting metrics_key
+        (default: this client's API key, for a server whose metrics key it is); ApiKeyError otherwise."""
+        headers = {"X-API-Key": metrics_key} if metrics_key else {}
+        return (await self._request("GET", "/metrics", headers=headers)).text
 
     async def avatars(self) -> list[dict]:
         """The key's avatars: [{"name", "frames", "width", "height", "fps", ...}]."""
@@ -222,9 +224,8 @@ class LipstreamClient:
         frame; `AvatarFrame.jpeg`). Raises ServerUnreachableError, ApiKeyError, SessionNotFoundError,
         SessionBusyError."""
         ws_url = websocket_url(self.url, info) + f"?frames={frames}"
-        headers = {"X-API-Key": self.api_key} if self.api_key else {}
         try:
-            ws = await connect(ws_url, additional_headers=headers, max_size=None, open_timeout=self.timeout_s)
+            ws = await connect(ws_url, additional_headers=self._headers, max_size=None, open_timeout=self.timeout_s)
         except InvalidStatus as exc:
             raise ServerReplyError(f"{ws_url}: the server refused the WebSocket (HTTP "
                                    f"{exc.response.status_code}); is it a lipstream server?") from exc
@@ -475,10 +476,16 @@ def _closed_error(exc: ConnectionClosed, session_id: str) -> LipstreamError:
     return SessionClosedError(f"the server closed session {session_id} (code {code}: {reason}); open a new session")
 
 
+def _error_class(name: object) -> type[LipstreamError] | None:
+    """The LipstreamError subclass of lipstream.errors the server named, or None."""
+    cls = getattr(errors, str(name), None)
+    return cls if isinstance(cls, type) and issubclass(cls, LipstreamError) else None
+
+
 def _server_error(event: dict) -> LipstreamError:
     """A WebSocket error message {"type": "error", "code": class name, "message"} as its LipstreamError."""
-    cls = getattr(errors, str(event.get("code")), None)
+    cls = _error_class(event.get("code"))
     message = str(event.get("message", ""))
-    if isinstance(cls, type) and issubclass(cls, LipstreamError):
+    if cls is not None:
         return cls(message)
     return ServerReplyError(f"{event.get('code')}: {message}")

@@ -299,8 +299,6 @@ def _default_text(name: str) -> str:
         return f"`{str(default).lower()}`"
     if default in ({}, [], ""):
         return "(empty)"
-    if isinstance(default, bool):
-        return f"`{str(default).lower()}`"
     return f"`{default}`"
 
 

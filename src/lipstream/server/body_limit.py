@@ -38,7 +38,7 @@ class BodyLimitMiddleware:
     """Pure ASGI middleware around the app: counts every HTTP request body against `max_bytes` and
     waits at most `read_timeout_s` for each of its parts."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
@@ -60,7 +60,7 @@ class BodyLimitMiddleware:
 
         async def counting_receive() -> Message:
             nonlocal seen, complete
-            if complete or self.read_timeout_s is None:  # after the body: e.g. a wait for the disconnect
+            if complete:  # after the body: e.g. a wait for the disconnect
                 message = await receive()
             else:
                 try:

@@ -62,8 +62,7 @@ def hide_paths(text: str, folders: Mapping[str, str | os.PathLike]) -> str:
 
 def public_text(text: str, state) -> str:
     """`hide_paths` with the server's folders (the app's `state`): avatars, models and uploads."""
-    return hide_paths(text, {"avatars": state.settings.avatars_root, "models": state.settings.models_root,
-                             "uploads": state.jobs.uploads})
+    return hide_paths(text, state.jobs.folders)
 
 
 def status_for(exc: errors.LipstreamError) -> int:

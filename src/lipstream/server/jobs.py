@@ -156,6 +156,7 @@ class AvatarJobs:
         self._stopping = False
         self._cancel = threading.Event()  # the running job stops at its next frame
         self.uploads = Path(tempfile.mkdtemp(prefix=f"{UPLOADS_PREFIX}{os.getpid()}-"))  # where uploads wait
+        self.folders = {"avatars": root, "models": models_root, "uploads": self.uploads}  # named in messages
         self._worker: threading.Thread | None = None
         self.worker_native_id: int | None = None  # of the worker thread, once it runs
 
@@ -221,10 +222,9 @@ class AvatarJobs:
         for job_id in [j.id for j in self._jobs.values() if j.finished and now - j.finished > KEEP_FINISHED_S]:
             del self._jobs[job_id]
 
-    def _next(self) -> _Queued | None:
-        """The next job (with the lock held): the oldest of the tenant served least recently."""
-        if not self._queues:
-            return None
+    def _next(self) -> _Queued:
+        """The next job (with the lock held and a job queued): the oldest of the tenant served least
+        recently."""
         tenant = min(self._queues, key=lambda t: (self._served.get(t, -1), self._queues[t][0].job.created))
         queue = self._queues[tenant]
         item = queue.popleft()
@@ -244,12 +244,11 @@ class AvatarJobs:
                 if self._stopping:
                     return
                 item = self._running = self._next()
-            if item is not None:
-                try:
-                    self._run(item)
-                finally:
-                    with self._lock:
-                        self._running = None
+            try:
+                self._run(item)
+            finally:
+                with self._lock:
+                    self._running = None
 
     def _run(self, item: _Queued) -> None:
         job = item.job
@@ -269,8 +268,7 @@ class AvatarJobs:
                            progress=progress, source_name=item.source_name, vae=vae, device_call=device_call)
             job.status, job.progress = "done", 1.0
         except LipstreamError as exc:
-            folders = {"avatars": self.root, "models": self.models_root, "uploads": self.uploads}
-            job.status, job.error = "failed", hide_paths(str(exc), folders)
+            job.status, job.error = "failed", hide_paths(str(exc), self.folders)
         except Exception:  # the server goes on; the log has the details
             log.exception("preparing avatar %r failed", job.avatar)
             job.status, job.error = "failed", ("internal error while preparing the avatar (the server's log "

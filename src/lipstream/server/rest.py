@@ -186,8 +186,8 @@ class SessionRequest(BaseModel):
 def describe_session(entry: OpenSession) -> dict:
     """A session as the API gives it. "ws" and "offer": where its viewer connects, paths on the server's
     address, or absolute URLs on the server's own (setting public_url)."""
-    base = entry.public_url.rstrip("/")
-    ws_base = base.replace("http", "ws", 1) if base else ""
+    base = entry.public_url  # "" or http(s)://host:port (its setting's check took any trailing /)
+    ws_base = base.replace("http", "ws", 1)
     return {"id": entry.id, "avatar": entry.avatar, "engine": entry.engine, "fps": entry.fps,
             "width": entry.size[1], "height": entry.size[0], "sample_rate": SAMPLE_RATE, "viewer": entry.viewer,
             "instance": entry.instance or None,

@@ -92,7 +92,7 @@ class ClientMessages:
 
     def _apply(self, data: bytes | str) -> str | None:
         try:
-            size = len(data) if isinstance(data, bytes) else len(data.encode())
+            size = message_size(data)
             max_bytes = self.state.settings.max_message_bytes
             if size > max_bytes:
                 raise MessageTooLargeError(f"a message has at most {max_bytes} bytes (setting max_message_bytes); "
@@ -129,6 +129,11 @@ class ClientMessages:
     def close(self) -> None:
         for task in self._changes:
             task.cancel()
+
+
+def message_size(data: bytes | str) -> int:
+    """Bytes of a client's message as it came (text counted as UTF-8)."""
+    return len(data) if isinstance(data, bytes) else len(data.encode())
 
 
 def frame_events(entry: OpenSession, frame: OutputFrame) -> list[str]:

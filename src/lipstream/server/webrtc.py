@@ -43,7 +43,7 @@ from lipstream.metrics import SERVER_FRAMES_SENT
 from lipstream.server import webrtc_codecs, wire
 from lipstream.server.auth import CallerDep
 from lipstream.server.registry import OpenSession, SessionRegistry
-from lipstream.server.viewer import ClientMessages, InputLimits, frame_events
+from lipstream.server.viewer import ClientMessages, InputLimits, frame_events, message_size
 from lipstream.stream.session import OutputFrame
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class SessionFeed:
         """A data-channel message (run as a task of its own, in arrival order). One over the input
         rates is dropped (a data channel cannot be read more slowly), which an error event says at most
         once a second."""
-        if not self.limits.allow(len(data) if isinstance(data, bytes) else len(data.encode())):
+        if not self.limits.allow(message_size(data)):
             now = time.monotonic()
             if self._refused_at is None or now - self._refused_at >= 1.0:
                 self._refused_at = now
