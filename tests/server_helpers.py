@@ -127,3 +127,13 @@ def warp_server(root: Path, **overrides) -> LiveServer:
     settings as `server_settings` makes them, with `overrides`."""
     store_avatar(root)
     return LiveServer(create_app(server_settings(root, **overrides), engine=WarpEngine()))
+
+
+async def replicas_until(client, ok, what: str, timeout_s: float = 90) -> list[dict]:
+    """A cluster's replicas as its /ready lists them once `ok(replicas)` holds (`client`: a
+    LipstreamClient of the cluster); fails, saying `what` it waited for, after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not ok(replicas := (await client.ready())["replicas"]):
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:g} s: {replicas}"
+        await asyncio.sleep(0.5)
+    return replicas

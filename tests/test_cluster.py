@@ -28,7 +28,7 @@ from lipstream.client import LipstreamClient
 from lipstream.cluster import launch, proxy
 from lipstream.cluster.router import STATS_PERIOD_S
 from lipstream.errors import OverloadedError, SessionClosedError, SessionNotFoundError
-from server_helpers import server_settings, store_avatar
+from server_helpers import replicas_until, server_settings, store_avatar
 
 pytestmark = pytest.mark.anyio
 KEY = {"X-API-Key": "k-default"}
@@ -215,12 +215,10 @@ async def test_a_replica_killed_mid_session(cluster):
         assert fresh["instance"] == survivor.info["instance"]
         await client.close_session(fresh["id"])
 
-        deadline = time.monotonic() + 120
-        while True:  # Ray Serve starts a new replica (a new name) in place of the dead one
-            now = await ready_replicas(client)
-            if len(now) == 2 and victim not in now:
-                break
-            assert time.monotonic() < deadline, f"no replacement replica: {now}"
-            await asyncio.sleep(1)
+        def replaced(listed: list[dict]) -> bool:  # Ray Serve starts a new replica (a new name) in place of the dead one
+            ready = {r["name"] for r in listed if r["ready"]}
+            return len(ready) == 2 and victim not in ready
+
+        await replicas_until(client, replaced, "a replacement replica", 120)
         for session in (survivor, proxied, direct):
             await session.aclose()

@@ -19,7 +19,7 @@ from lipstream.bench.serve import free_port
 from lipstream.client import LipstreamClient, RemoteSession
 from lipstream.cluster import launch
 from lipstream.cluster.router import STATS_PERIOD_S
-from server_helpers import server_settings, store_avatar
+from server_helpers import replicas_until, server_settings, store_avatar
 
 pytestmark = pytest.mark.anyio
 PER_REPLICA = 3
@@ -66,15 +66,6 @@ class Watched:
     async def aclose(self) -> None:
         await self.session.aclose()
         await asyncio.wait_for(self.task, 10)
-
-
-async def replicas_until(client: LipstreamClient, ok, what: str, timeout_s: float = 90) -> list[dict]:
-    """/ready's replicas once `ok(replicas)` holds; fails after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not ok(replicas := (await client.ready())["replicas"]):
-        assert time.monotonic() < deadline, f"{what} within {timeout_s:g} s: {replicas}"
-        await asyncio.sleep(0.5)
-    return replicas
 
 
 def assert_unbroken(indices: list[int], seconds: float) -> None:

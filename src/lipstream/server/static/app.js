@@ -101,10 +101,14 @@ function replyError(status, detail, retryAfter) {
   return error;
 }
 
+async function replyBody(reply) {  // the server's JSON, or {} for anything else
+  return reply.headers.get("content-type")?.includes("json") ? reply.json() : {};
+}
+
 async function api(path, options = {}) {
   const headers = { Authorization: `Bearer ${apiKey}`, ...(options.headers || {}) };
   const reply = await fetch(path, { ...options, headers });
-  const body = reply.headers.get("content-type")?.includes("json") ? await reply.json() : {};
+  const body = await replyBody(reply);
   if (!reply.ok) throw replyError(reply.status, body.detail || reply.statusText, reply.headers.get("Retry-After"));
   return body;
 }
@@ -601,7 +605,7 @@ async function untilReady() {
   let waiting = false;
   for (;;) {
     const reply = await fetch("/ready", { headers: { Authorization: `Bearer ${apiKey}` } });
-    const body = reply.headers.get("content-type")?.includes("json") ? await reply.json() : {};
+    const body = await replyBody(reply);
     if (reply.status !== 503 || !body.loading) {
       if (body.error) throw new Error(`the server could not load its engine: ${body.error}`);
       if (reply.status === 401 || reply.status === 403) throw replyError(reply.status, body.detail || reply.statusText);
