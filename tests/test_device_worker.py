@@ -67,8 +67,7 @@ async def _patches(engine: MuseTalkEngine, compositor: Compositor, material, fra
         await scheduler.run(engine.warmup, 8)
         stream = engine.feature_stream()
         rows = await scheduler.features("s", stream, audio, 0.0) + await scheduler.features("s", stream, None, 0.0)
-        results = await asyncio.gather(*[scheduler.submit("s", material, f, rows[i], 1e9 + i, cycle=f,
-                                                          compositor=compositor) for i, f in enumerate(frames)])
+        results = await asyncio.gather(*[scheduler.submit("s", material, f, rows[i], 1e9 + i, compositor=compositor) for i, f in enumerate(frames)])
         streams = await scheduler.run(lambda: torch.cuda.current_stream() if engine.device.type == "cuda" else None)
         lane = await scheduler.post(lambda: torch.cuda.current_stream() if engine.device.type == "cuda" else None)
         return [r.image for r in results], streams, lane

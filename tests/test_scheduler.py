@@ -103,11 +103,11 @@ async def test_composited_results_and_engine_failures():
     scheduler.start()
     avatar, material = small_avatar()
     compositor = Compositor(avatar)
-    failing = scheduler.submit("s", material, 2, mouth_states(1, 0)[0], 1.0, cycle=2, compositor=compositor)
+    failing = scheduler.submit("s", material, 2, mouth_states(1, 0)[0], 1.0, compositor=compositor)
     with pytest.raises(RuntimeError, match="device lost"):
         await failing
     state = mouth_states(1, 1)
-    result = await scheduler.submit("s", material, 2, state[0], 2.0, cycle=2, compositor=compositor)
+    result = await scheduler.submit("s", material, 2, state[0], 2.0, compositor=compositor)
     face = engine.generate(take(material, [2]), state)
     patch = result.image
     assert isinstance(patch.pixels, np.ndarray) and (patch.x, patch.y) == compositor.origins[2]

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import WhisperFeatureExtractor
 
 from lipstream.audio.load import SAMPLE_RATE
+from lipstream.stream.device import to_device
 
 STEP_RATE = 50  # whisper encoder steps per second
 STEP_SAMPLES = SAMPLE_RATE // STEP_RATE  # 320 samples = 20 ms per step
@@ -80,10 +81,7 @@ def frame_windows(steps: torch.Tensor, fps: int, first_frame: int, end_frame: in
     left = max(0, -int(starts[0]))
     right = max(0, int(starts[-1]) + WINDOW_STEPS - steps.shape[0])
     padded = torch.cat([steps.new_zeros(left, hidden, dim), steps, steps.new_zeros(right, hidden, dim)])
-    index = torch.from_numpy(starts + left)
-    if steps.device.type == "cuda":  # staged in pinned memory: a pageable copy would wait for the whole stream
-        index = index.pin_memory().to(steps.device, non_blocking=True)
-    index = index[:, None]
+    index = to_device(starts + left, steps.device)[:, None]  # pinned on CUDA: no wait for the whole stream
     index = index + torch.arange(WINDOW_STEPS, device=steps.device)
     return padded[index].reshape(count, WINDOW_STEPS * hidden, dim)
 
@@ -163,8 +161,7 @@ def encode_mels(mels: torch.Tensor, encoder: nn.Module, batch_segments: int = 8)
     H = encoder_layers + 1 hidden states: the embedding output, each layer's output, the last one
     after the final LayerNorm. `batch_segments` segments go through the encoder per call."""
     param = next(encoder.parameters())
-    if param.device.type == "cuda" and mels.device.type == "cpu":  # staged in pinned memory: no wait for the stream
-        mels = mels.pin_memory().to(param.device, non_blocking=True)
+    mels = to_device(mels, param.device)
     steps = []
     for i in range(0, mels.shape[0], batch_segments):
         out = encoder(mels[i:i + batch_segments].to(param.device, param.dtype), output_hidden_states=True)

@@ -119,7 +119,7 @@ class StreamingFeatures:
         self.context_samples = None if context_s is None else round(context_s * SAMPLE_RATE)
         self.lookahead_samples = round(lookahead_ms * SAMPLE_RATE / 1000)
         self.step_samples = max(1, round(step_ms * SAMPLE_RATE / 1000))
-        self.first_pass_samples = self._first_ready_end()
+        self.first_pass_samples = self._ready_end(0)
         self.reset()
 
     # Made on the first pass, where passes run (a stream is often made on an event loop, which does no
@@ -203,8 +203,6 @@ class StreamingFeatures:
             steps = steps[:feature_pass.keep]
             self.passes += 1
             self.last_pass_seconds = time.perf_counter() - feature_pass.began
-        elif feature_pass.last > feature_pass.first:
-            steps = self._no_steps
         frames = frame_windows(self._no_steps if steps is None else steps, self.fps, feature_pass.first,
                                feature_pass.last, step_offset=feature_pass.offset)
         self._drop_before(self._context_start(feature_pass.last, feature_pass.end))
@@ -219,10 +217,6 @@ class StreamingFeatures:
         if self._frames_emitted == 0 and grid < self.first_pass_samples <= self._received:
             return self.first_pass_samples
         return grid
-
-    def _first_ready_end(self) -> int:
-        """The fewest samples with which frame 0 is ready (its window and the look-ahead)."""
-        return self._ready_end(0)
 
     def _ready_end(self, frame: int) -> int:
         """The fewest samples with which `frame` is ready (its window and the look-ahead)."""

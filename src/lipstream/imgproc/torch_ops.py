@@ -192,6 +192,21 @@ def blend_patch(frame: torch.Tensor, face: torch.Tensor, face_box: Box, mask: to
     return target, mixed.div_(255.0)
 
 
+def _resized_sharpened(faces: torch.Tensor, rows: AxisSampling, cols: AxisSampling,
+                       sharpen_params: tuple[int, float, float, float] | None, *, integer: bool) -> torch.Tensor:
+    """faces [B, fh, fw, C] resampled by rows/cols (which read the sharpening's pad, ksize // 2, beyond
+    each side), then unsharp, which consumes that pad: [B, len(rows) - 2 pad, len(cols) - 2 pad, C] (pad
+    0 without sharpen_params)."""
+    resized = resample(faces, rows, cols, integer=integer)
+    if sharpen_params:
+        ksize, sigma, amount, threshold = sharpen_params
+        pad = ksize // 2
+        blurred = blur_valid(resized, ksize, sigma, integer=integer)
+        resized = sharpen(resized[:, pad:pad + blurred.shape[1], pad:pad + blurred.shape[2]], blurred,
+                          amount, threshold, integer=integer)
+    return resized
+
+
 def composite_patches(frames: torch.Tensor, faces: torch.Tensor, face_boxes: list[Box], masks: list[torch.Tensor],
                       crop_boxes: list[Box], *, sharpen_params: tuple[int, float, float, float] | None,
                       integer: bool) -> list[Patch]:
@@ -206,12 +221,7 @@ def composite_patches(frames: torch.Tensor, faces: torch.Tensor, face_boxes: lis
     pad = sharpen_params[0] // 2 if sharpen_params else 0
     rows = axis_sampling(faces.shape[1], heights, pad, "bilinear", faces.device)
     cols = axis_sampling(faces.shape[2], widths, pad, "bilinear", faces.device)
-    resized = resample(faces, rows, cols, integer=integer)
-    if sharpen_params:
-        ksize, sigma, amount, threshold = sharpen_params
-        blurred = blur_valid(resized, ksize, sigma, integer=integer)
-        resized = sharpen(resized[:, pad:pad + blurred.shape[1], pad:pad + blurred.shape[2]], blurred,
-                          amount, threshold, integer=integer)
+    resized = _resized_sharpened(faces, rows, cols, sharpen_params, integer=integer)
     patches = []
     for b in range(frames.shape[0]):
         face = resized[b, :heights[b], :widths[b]]
@@ -232,13 +242,7 @@ def composite_on_grid(under: torch.Tensor, faces: torch.Tensor, masks: torch.Ten
     sigma, amount, threshold) or None. OpenCV's uint8 arithmetic throughout (resize, unsharp) and
     PIL's rounding for the blend, as `composite_patches`; where the mask is 0 the result is `under`
     exactly. Returns uint8 [B, PH, PW, C]."""
-    resized = resample(faces, rows, cols, integer=True)
-    if sharpen_params:
-        ksize, sigma, amount, threshold = sharpen_params
-        pad = ksize // 2
-        blurred = blur_valid(resized, ksize, sigma, integer=True)
-        resized = sharpen(resized[:, pad:pad + blurred.shape[1], pad:pad + blurred.shape[2]], blurred,
-                          amount, threshold, integer=True)
+    resized = _resized_sharpened(faces, rows, cols, sharpen_params, integer=True)
     m = masks.unsqueeze(-1).to(torch.float32)
     mixed = resized * m + under.to(torch.float32) * (255.0 - m)
     return mixed.div_(255.0).add_(0.5).floor_().to(torch.uint8)

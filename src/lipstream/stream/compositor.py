@@ -162,7 +162,6 @@ class Compositor:
 
     def _opencv_patches(self, slots: list[int], faces: np.ndarray) -> np.ndarray:
         out = np.zeros((len(slots), *self.patch_size, 3), np.uint8)
-        _height, _width = self.frame_size
 
         def one(b: int) -> None:
             s = slots[b]

@@ -52,12 +52,6 @@ class Lane:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def enter(self) -> None:
-        """Make this lane's stream the calling thread's current stream (the lane's own thread does this
-        at start; a thread that runs lane work itself, like the scheduler's, calls it first)."""
-        if self.stream is not None:
-            use_stream(self.stream)
-
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         future: Future[T] = Future()
         if self._closed:
@@ -72,7 +66,8 @@ class Lane:
             self._calls.put(None)
 
     def _run(self) -> None:
-        self.enter()
+        if self.stream is not None:  # the lane's work runs on its stream
+            use_stream(self.stream)
         while True:
             call = self._calls.get()
             if call is None:

@@ -102,7 +102,6 @@ class _Frame(_Job):
     material: Mapping[str, torch.Tensor] = field(default_factory=dict)
     frame: int = 0
     conditioning: torch.Tensor | None = None
-    cycle: int = 0
     compositor: Compositor | None = None
 
 
@@ -209,16 +208,17 @@ class Scheduler:
     # ---- what sessions call -------------------------------------------------------------------
 
     def submit(self, owner: str, material: Mapping[str, torch.Tensor], frame: int, conditioning: torch.Tensor,
-               deadline: float, *, cycle: int = 0, compositor: Compositor | None = None) -> asyncio.Future:
-        """One frame: row `frame` of `material` (an avatar's, from `engine.material`), its conditioning
-        row (a row of a feature pass's result, on the engine's device); deadline: when it must be
-        ready, on `now`'s clock; compositor (and cycle, its frame index): where to paste the face.
+               deadline: float, *, compositor: Compositor | None = None) -> asyncio.Future:
+        """One frame: row `frame` of `material` (an avatar's, from `engine.material`: a frame of its
+        cycle), its conditioning row (a row of a feature pass's result, on the engine's device);
+        deadline: when it must be ready, on `now`'s clock; compositor: where to paste the face (its
+        frame `frame` of the same cycle).
 
         Returns a future (of the running loop) resolving to a `FrameResult`, or to None when the frame
         was shed (it could not have been ready by its deadline). Cancel it to withdraw the frame; it
         fails with the engine's (or the compositor's) exception if that fails."""
         job = _Frame(deadline, next(self._seq), owner, self._new_future(), self.now(), material, frame, conditioning,
-                     cycle, compositor)
+                     compositor)
         self._push(job)
         return job.future
 
@@ -480,7 +480,7 @@ class Scheduler:
                 pixels = host_array.numpy() if isinstance(host_array, torch.Tensor) else host_array
                 for i, row in enumerate(rows):
                     job = batch[row]
-                    image = pixels[i] if compositor is None else compositor.patch(job.cycle, pixels[i])
+                    image = pixels[i] if compositor is None else compositor.patch(job.frame, pixels[i])
                     results[row] = FrameResult(image, began - job.submitted, engine.wall, composite.wall)
             self._loop.call_soon_threadsafe(self._deliver, batch, results, engine.wall, self.now() - began)
         except Exception as exc:  # a compositor's failure fails its batch's frames
@@ -510,7 +510,7 @@ class Scheduler:
             part = faces if len(rows) == len(batch) else \
                 faces.index_select(0, to_device(torch.tensor(rows, dtype=torch.long), faces.device))
             if compositor is not None:
-                part = compositor.patches([batch[r].cycle for r in rows], part)
+                part = compositor.patches([batch[r].frame for r in rows], part)
             outputs.append((rows, compositor, to_host(part) if isinstance(part, torch.Tensor) else part))
         done = Fence(self.device, timing=True).record()
         done.synchronize()

@@ -225,9 +225,7 @@ class Session:
         self._cycle_length = len(avatar)
         self.scheduler.cancel(self.id)
         for utt in self._utterances:
-            for future in utt.futures.values():
-                future.cancel()
-            utt.futures.clear()
+            utt.withdraw_frames()
             utt.submitted = utt.next_j  # their conditioning is kept until shown: submitted again below
         self._events.append("avatar_changed")
         self._counts["avatar_changes"] += 1
@@ -401,9 +399,7 @@ class Session:
             FIRST_FRAME_SECONDS.observe(now - ready_at)
         self._first_audio_to_frame_ms = 1000 * (now - utt.first_push_at)
         self._first_index = self._k
-        future = utt.futures.get(0)
-        done = future is not None and future.done() and not future.cancelled() and future.exception() is None
-        self._first_stages = _first_frame_stages(utt, now, future.result() if done else None)
+        self._first_stages = _first_frame_stages(utt, now, _result(utt.futures.get(0)))
 
     def _speech_frame(self, utt: Utterance, k: int) -> tuple[int, FacePatch | None, np.ndarray, int]:
         """Frame k inside a showing utterance: (cycle position, its face patch or None, audio, how many
@@ -414,9 +410,9 @@ class Session:
         if j < utt.featured:
             if utt.voiced.pop(j):
                 future = utt.futures.pop(j, None)
-                if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-                    result = future.result()  # None: the scheduler shed it (it could not be ready in time)
-                    patch = None if result is None else result.image
+                result = _result(future)  # None as well when the scheduler shed it (it could not be ready in time)
+                if result is not None:
+                    patch = result.image
                 elif future is not None:
                     future.cancel()
                 if patch is None:
@@ -460,8 +456,7 @@ class Session:
                 if utt.voiced[j]:
                     cycle = (utt.c0 + j) % self._cycle_length
                     utt.futures[j] = self.scheduler.submit(self.id, self._material, cycle, conditioning,
-                                                           self.clock.due(first + j), cycle=cycle,
-                                                           compositor=self.compositor)
+                                                           self.clock.due(first + j), compositor=self.compositor)
                 utt.submitted = j + 1
             if not utt.flushed:
                 return
@@ -535,6 +530,13 @@ class Session:
         if not utt.started or not self._utterances or self._utterances[0] is not utt:
             return self.clock.now()
         return self.clock.due(self._k + utt.featured - utt.next_j) - self.scheduler.expected_latency_s()
+
+
+def _result(future: asyncio.Future | None) -> FrameResult | None:
+    """A frame's result once the scheduler made it; None while pending, when withdrawn, failed or shed."""
+    if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()
 
 
 def _first_frame_stages(utt: Utterance, shown_at: float, result: FrameResult | None) -> dict[str, float]:

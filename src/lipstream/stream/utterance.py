@@ -80,12 +80,16 @@ class Utterance:
         """All its frames shown and all its audio played."""
         return self.flushed and self.next_j >= self.featured and self.played >= self.pcm.end
 
-    def cancel(self) -> None:
-        """Interrupted or closed: withdraw its frames and forget its data."""
-        self.cancelled = True
+    def withdraw_frames(self) -> None:
+        """Cancel the frames submitted to the scheduler and forget them."""
         for future in self.futures.values():
             future.cancel()
         self.futures.clear()
+
+    def cancel(self) -> None:
+        """Interrupted or closed: withdraw its frames and forget its data."""
+        self.cancelled = True
+        self.withdraw_frames()
         self.conditioning.clear()
         self.voiced.clear()
 
