@@ -143,14 +143,19 @@ class Compositor:
     def compose(self, indices: Sequence[int], faces: torch.Tensor) -> np.ndarray:
         """Whole composited frames, uint8 [B, H, W, 3] BGR on the host (for writing a video; a live
         session uses `patches`). Only each frame's patch differs from `idle(indices)`."""
+        frames = self.idle(indices)
+        self.draw(frames, range(len(indices)), indices, faces)
+        return frames
+
+    def draw(self, frames: np.ndarray, rows: Sequence[int], indices: Sequence[int], faces: torch.Tensor) -> None:
+        """Composite the faces of frames `indices` (as `patches`) into `frames` (uint8 [N, H, W, 3] BGR,
+        `idle` frames), rows `rows` of it, in place."""
         patches = self.patches(indices, faces)
         host = patches.cpu().numpy() if isinstance(patches, torch.Tensor) else patches
-        frames = self.idle(indices)
-        for b, index in enumerate(indices):
+        for b, (row, index) in enumerate(zip(rows, indices, strict=True)):
             patch = self.patch(index, host[b])
             h, w = patch.pixels.shape[:2]
-            frames[b, patch.y:patch.y + h, patch.x:patch.x + w] = patch.pixels
-        return frames
+            frames[row, patch.y:patch.y + h, patch.x:patch.x + w] = patch.pixels
 
     def tensors(self) -> _TensorPatches:
         """The torch backend's resident data, made (and on a GPU uploaded, on the current stream) on

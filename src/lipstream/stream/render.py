@@ -81,18 +81,12 @@ def render_frames(avatar: Avatar, engine: Engine, audio: np.ndarray, *, fps: int
     voiced = voiced_frames(audio, fps, hangover=hangover_frames(engine.silence_hangover_ms, fps))
     for start in range(0, total, batch_size):
         indices = list(range(start, min(start + batch_size, total)))
-        speaking = [k for k, i in enumerate(indices) if voiced[i]]
-        if not speaking:
-            yield compositor.idle(indices)
-            continue
-        talk = [indices[k] for k in speaking]
-        faces = engine.generate(take(material, [i % len(avatar) for i in talk]), conditioning[talk])
-        composed = compositor.compose(talk, faces)
-        if len(talk) == len(indices):
-            yield composed
-            continue
         frames = compositor.idle(indices)
-        frames[speaking] = composed
+        speaking = [k for k, i in enumerate(indices) if voiced[i]]
+        if speaking:
+            talk = [indices[k] for k in speaking]
+            faces = engine.generate(take(material, [i % len(avatar) for i in talk]), conditioning[talk])
+            compositor.draw(frames, speaking, talk, faces)
         yield frames
 
 
