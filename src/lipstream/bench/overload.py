@@ -23,13 +23,8 @@ import time
 from pathlib import Path
 
 from lipstream.bench.report import device_name, format_table, write_results
-from lipstream.bench.soak import (
-    add_client_arguments,
-    result_device,
-    server_for,
-    speak_and_watch,
-    speech_clips,
-)
+from lipstream.bench.serve import pick_avatar, result_device, server_for, server_settings, speech_clips
+from lipstream.bench.soak import add_client_arguments, frame_figures, speak_and_watch
 from lipstream.errors import LipstreamError, OverloadedError
 
 MAX_OFFERED = 256
@@ -46,8 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.url and not args.key:
-        raise LipstreamError("--url needs --key: the API key the server printed (or one of its api_keys)")
     args.clients = [MAX_OFFERED]  # what spawned_server sizes its per-key session limit by
     with server_for(args) as (url, key, _):
         row, settings = asyncio.run(_overload(args, url, key))
@@ -74,10 +67,7 @@ async def _overload(args: argparse.Namespace, url: str, key: str) -> tuple[dict,
         capacity = await client.capacity()
         if not capacity["admission_control"]:
             raise LipstreamError("this server does not refuse sessions (setting admission_control is off)")
-        avatars = await client.avatars()
-        avatar = next((a for a in avatars if args.avatar in (None, a["name"])), None)
-        if avatar is None:
-            raise LipstreamError(f"no avatar {args.avatar or ''!r} for this key")
+        avatar = pick_avatar(await client.avatars(), args.avatar)
         offered = min(MAX_OFFERED, max(2, math.ceil(args.factor * capacity["free_sessions"])))
         print(f"{ready['reason']}; avatar {avatar['name']} ({avatar['width']}x{avatar['height']}); the server "
               f"holds {capacity['free_sessions']} sessions by its own count: offering {offered}", flush=True)
@@ -102,18 +92,9 @@ async def _overload(args: argparse.Namespace, url: str, key: str) -> tuple[dict,
         await asyncio.sleep(max(0.0, stop_at - time.monotonic() - 1))
         final_capacity = await client.capacity()
         results = await asyncio.gather(*clients)
-    stats = [s for _, s in results]
-    speech_frames = sum(s.get("speech_frames", 0) for s in stats)
-    dropped = sum(s.get("dropped_frames", 0) for s in stats)
-    fps = [(w.frames - 1) / (w.last_at - w.first_at) for w, _ in results if w.frames > 1 and w.last_at > w.first_at]
+    figures, fps = frame_figures(results)
     row = {"capacity_sessions": capacity["free_sessions"], "capacity": capacity,
            "capacity_after_offers": admitted_capacity, "capacity_at_end": final_capacity, "offered": offered,
            "admitted": len(clients), "refused": len(refusals), "refusal": refusals[0] if refusals else None,
-           "speech_frames": speech_frames, "dropped_frames": dropped,
-           "dropped_share": dropped / speech_frames if speech_frames else 0.0,
-           "stalled_frames": sum(s.get("stalled_frames", 0) for s in stats),
-           "fps_min": min(fps, default=None), "fps_mean": sum(fps) / len(fps) if fps else None}
-    settings = {"server": args.url or "lipstream serve, started by the benchmark", "avatar": avatar["name"],
-                "frame_size": [avatar["width"], avatar["height"]], "engine": ready["engine"],
-                "engine_choice": ready["reason"], "engine_device": ready["device"]}
-    return row, settings
+           **figures, "fps_min": min(fps, default=None), "fps_mean": sum(fps) / len(fps) if fps else None}
+    return row, server_settings(args, avatar, ready)

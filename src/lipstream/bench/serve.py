@@ -160,7 +160,7 @@ def _quantiles(values: list[float]) -> list[float | None]:
     return [float(v) for v in np.percentile(values, [50, 95, 99])]
 
 
-def _speech(args: argparse.Namespace) -> list[np.ndarray]:
+def speech_clips(args: argparse.Namespace) -> list[np.ndarray]:
     """Four speech-like utterances, int16 [utterance_s * 16000]; client i speaks number i % 4."""
     from lipstream.synthetic import speech
 
@@ -253,11 +253,10 @@ def run(args: argparse.Namespace) -> int:
     served = [t for t in transports if t != "inprocess"]
     if args.url and not served:
         raise LipstreamError("--url is for --transport websocket or webrtc")
-    if args.url and not args.key:
-        raise LipstreamError("--url needs --key: the API key the server printed (or one of its api_keys)")
+    _need_key(args)  # now, before any run (server_for checks it too, later)
     if served and not args.url and args.engine == "musetalk-random":
         raise LipstreamError("--engine musetalk-random runs in-process only: use --transport inprocess")
-    speech = _speech(args)
+    speech = speech_clips(args)
     costs = None
     if served and args.viewer_cost:  # first, while nothing else runs in this process
         from lipstream.bench.viewer_cost import viewer_costs
@@ -426,17 +425,10 @@ def _run_inprocess(args: argparse.Namespace, speech: list[np.ndarray]) -> tuple[
 def _run_served(args: argparse.Namespace, speech: list[np.ndarray], transports: list[str]
                 ) -> tuple[list[dict], dict, str]:
     """(rows, settings, device) from the server at --url, or from one started here."""
-    import torch
-
-    with contextlib.ExitStack() as stack:
-        # all N clients are served, however late that makes them: this benchmark measures that (admission: bench overload)
-        url, key = (args.url.rstrip("/"), args.key) if args.url else \
-            stack.enter_context(spawned_server(args, admission_control=False))
+    # all N clients are served, however late that makes them: this benchmark measures that (admission: bench overload)
+    with server_for(args, admission_control=False) as (url, key, _):
         ready, avatars = asyncio.run(_server_facts(url, key))
-        avatar = next((a for a in avatars if args.avatar in (None, a["name"])), None)
-        if avatar is None:
-            raise LipstreamError(f"no avatar {args.avatar or ''!r} for this key; it has: "
-                                 f"{', '.join(a['name'] for a in avatars) or 'none'}")
+        avatar = pick_avatar(avatars, args.avatar)
         print(f"{ready['reason']}; avatar {avatar['name']} ({avatar['width']}x{avatar['height']}); server "
               f"{url if args.url else 'started here'}", flush=True)
         if "webrtc" in transports:
@@ -448,13 +440,10 @@ def _run_served(args: argparse.Namespace, speech: list[np.ndarray], transports: 
             for n in args.clients:
                 print(f"{transport}, {n} client(s), {args.seconds:g} s ...", flush=True)
                 rows.append(asyncio.run(_served_clients(transport, n, url, key, avatar["name"], speech, args)))
-    settings = {"server": args.url or "lipstream serve, started by the benchmark", "avatar": avatar["name"],
-                "frame_size": [avatar["width"], avatar["height"]], "engine": ready["engine"],
-                "engine_choice": ready["reason"], "engine_device": ready["device"]}
+    settings = server_settings(args, avatar, ready)
     if args.url:  # the server's own settings apply
         settings.update(size=None, max_batch=None, max_wait_ms=None)
-    local = torch.cuda.is_available() or not ready["device"].startswith("cuda")
-    return rows, settings, ready["device"] if local else "cpu"
+    return rows, settings, result_device(ready["device"])
 
 
 async def _server_facts(url: str, key: str) -> tuple[dict, list[dict]]:
@@ -463,6 +452,51 @@ async def _server_facts(url: str, key: str) -> tuple[dict, list[dict]]:
 
     async with LipstreamClient(url, key, timeout_s=30) as client:
         return await client.wait_ready(SERVER_READY_TIMEOUT_S), await client.avatars()
+
+
+def pick_avatar(avatars: list[dict], wanted: str | None) -> dict:
+    """The avatar named `wanted` among a key's `avatars` (its /api/avatars entries), or the first when
+    `wanted` is None; LipstreamError naming the key's avatars when there is none."""
+    avatar = next((a for a in avatars if wanted in (None, a["name"])), None)
+    if avatar is None:
+        raise LipstreamError(f"no avatar {wanted or ''!r} for this key; it has: "
+                             f"{', '.join(a['name'] for a in avatars) or 'none'}")
+    return avatar
+
+
+def server_settings(args: argparse.Namespace, avatar: dict, ready: dict) -> dict:
+    """The results' settings that describe the server measured: which (--url, or one started here),
+    the avatar shown (its /api/avatars entry) and its engine (the server's /ready answer)."""
+    return {"server": args.url or "lipstream serve, started by the benchmark", "avatar": avatar["name"],
+            "frame_size": [avatar["width"], avatar["height"]], "engine": ready["engine"],
+            "engine_choice": ready["reason"], "engine_device": ready["device"]}
+
+
+def result_device(server_device: str) -> str:
+    """The device to name in the results: the server's, when it is this machine's (a CUDA device this
+    process cannot see is a remote server's: then the CPU the clients ran on)."""
+    import torch
+
+    return server_device if torch.cuda.is_available() or not server_device.startswith("cuda") else "cpu"
+
+
+def _need_key(args: argparse.Namespace) -> None:
+    """LipstreamError when --url comes without --key."""
+    if args.url and not args.key:
+        raise LipstreamError("--url needs --key: the API key the server printed (or one of its api_keys)")
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace, **settings: object) -> Iterator[tuple[str, str, int | None]]:
+    """The server to measure: (url, key, None) of --url/--key (LipstreamError when --key is missing),
+    or `lipstream serve` started here with more `settings` (`spawned_server`): (url, key, its process id)."""
+    _need_key(args)
+    if args.url:
+        yield args.url.rstrip("/"), args.key, None
+        return
+    started: dict = {}
+    with spawned_server(args, on_ready=lambda process: started.update(pid=process.pid), **settings) as (url, key):
+        yield url, key, started["pid"]
 
 
 @contextlib.contextmanager
@@ -587,9 +621,9 @@ async def _watch(session, frames: AsyncIterator, speech: np.ndarray, args: argpa
     stats = await session.stats()
     await session.aclose()
     for utterance in await asyncio.gather(*utterances):
-        tally.utterance_stats(utterance.get("stats", utterance))
+        tally.utterance_stats(utterance)
     tally.late = [1000 * (offset - min(offsets)) for offset in offsets]  # empty without frames
-    return tally.result(stats.get("stats", stats))
+    return tally.result(stats)
 
 
 async def _websocket_client(client: LipstreamClient, avatar: str, speech: np.ndarray, args: argparse.Namespace,

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +36,14 @@ import numpy as np
 
 from lipstream.bench.postprocess import FRAME_SIZES
 from lipstream.bench.report import device_name, format_table, write_results
+from lipstream.bench.serve import (
+    _speak,
+    pick_avatar,
+    result_device,
+    server_for,
+    server_settings,
+    speech_clips,
+)
 from lipstream.errors import LipstreamError
 
 if TYPE_CHECKING:
@@ -147,8 +153,6 @@ async def speak_and_watch(client: LipstreamClient, session: dict, speech: np.nda
                           stop_at: float, rng: random.Random) -> tuple[Watch, dict]:
     """Speak `speech` (int16 [n]) over the session's WebSocket at real-time pace until `stop_at`,
     reading every frame. Returns (what was seen, the session's stats at the end: {} if it closed)."""
-    from lipstream.bench.serve import _speak
-
     watch = Watch(args.fps)
     head, head_at = onset_marker(speech)
     remote = await client.connect(session)
@@ -180,13 +184,6 @@ async def speak_and_watch(client: LipstreamClient, session: dict, speech: np.nda
     return watch, stats
 
 
-def speech_clips(args: argparse.Namespace) -> list[np.ndarray]:
-    """Four speech-like utterances, int16 [utterance_s * 16000]; client i speaks number i % 4."""
-    from lipstream.bench.serve import _speech
-
-    return _speech(args)
-
-
 # ---- the server process ------------------------------------------------------------------------------
 
 def process_sample(pid: int) -> dict:
@@ -211,8 +208,6 @@ def _growth(series: list[dict], key: str, since_s: float) -> dict:
 # ---- the run --------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    if args.url and not args.key:
-        raise LipstreamError("--url needs --key: the API key the server printed (or one of its api_keys)")
     if args.url is None and not Path("/proc/self/status").exists():
         raise LipstreamError("bench soak samples the server process from /proc: run it on Linux")
     args.clients = [args.sessions]  # what spawned_server sizes its per-key session limit by
@@ -236,32 +231,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def result_device(server_device: str) -> str:
-    """The device to name in the results: the server's, when it is this machine's (a CUDA device this
-    process cannot see is a remote server's: then the CPU the clients ran on)."""
-    import torch
-
-    return server_device if torch.cuda.is_available() or not server_device.startswith("cuda") else "cpu"
-
-
 def _change(growth: dict) -> str:
     if growth["from"] is None:
         return "-"
     return f"{growth['from']:.0f} -> {growth['to']:.0f}"
-
-
-@contextlib.contextmanager
-def server_for(args: argparse.Namespace, **settings: object) -> Iterator[tuple[str, str, int | None]]:
-    """The server to measure: (url, key, None) of --url/--key, or `lipstream serve` started here with
-    more `settings` (`bench.serve.spawned_server`): (url, key, its process id)."""
-    if args.url:
-        yield args.url.rstrip("/"), args.key, None
-        return
-    from lipstream.bench.serve import spawned_server
-
-    started: dict = {}
-    with spawned_server(args, on_ready=lambda process: started.update(pid=process.pid), **settings) as (url, key):
-        yield url, key, started["pid"]
 
 
 async def _soak(args: argparse.Namespace, url: str, key: str, pid: int | None) -> dict:
@@ -270,10 +243,7 @@ async def _soak(args: argparse.Namespace, url: str, key: str, pid: int | None) -
     speech = speech_clips(args)
     async with LipstreamClient(url, key, timeout_s=30) as client:
         ready = await client.wait_ready(30)
-        avatars = await client.avatars()
-        avatar = next((a for a in avatars if args.avatar in (None, a["name"])), None)
-        if avatar is None:
-            raise LipstreamError(f"no avatar {args.avatar or ''!r} for this key")
+        avatar = pick_avatar(await client.avatars(), args.avatar)
         print(f"{ready['reason']}; avatar {avatar['name']} ({avatar['width']}x{avatar['height']}); "
               f"{args.sessions} sessions for {args.minutes:g} min", flush=True)
         sessions = [await client.create_session(avatar["name"], fps=args.fps) for _ in range(args.sessions)]
@@ -285,9 +255,7 @@ async def _soak(args: argparse.Namespace, url: str, key: str, pid: int | None) -
         series = await _sample_until(client, pid, sessions, began, stop_at, args.sample_s)
         results = await asyncio.gather(*clients)
     return {"summary": _summary(results, series, args), "series": series, "device": ready["device"],
-            "settings": {"server": args.url or "lipstream serve, started by the benchmark", "avatar": avatar["name"],
-                         "frame_size": [avatar["width"], avatar["height"]], "engine": ready["engine"],
-                         "engine_choice": ready["reason"], "engine_device": ready["device"]}}
+            "settings": server_settings(args, avatar, ready)}
 
 
 async def _sample_until(client: LipstreamClient, pid: int | None, sessions: list[dict], began: float, stop_at: float,
@@ -313,13 +281,22 @@ async def _sample_until(client: LipstreamClient, pid: int | None, sessions: list
     return series
 
 
-def _summary(results: list[tuple[Watch, dict]], series: list[dict], args: argparse.Namespace) -> dict:
-    watches = [watch for watch, _ in results]
+def frame_figures(results: list[tuple[Watch, dict]]) -> tuple[dict, list[float]]:
+    """The frame figures of `speak_and_watch` results: ({speech_frames, dropped_frames, dropped_share,
+    stalled_frames} summed over the sessions' stats, the frames/s of each session that saw 2 frames or more)."""
     stats = [s for _, s in results]
     speech_frames = sum(s.get("speech_frames", 0) for s in stats)
     dropped = sum(s.get("dropped_frames", 0) for s in stats)
+    fps = [(w.frames - 1) / (w.last_at - w.first_at) for w, _ in results if w.frames > 1 and w.last_at > w.first_at]
+    return {"speech_frames": speech_frames, "dropped_frames": dropped,
+            "dropped_share": dropped / speech_frames if speech_frames else 0.0,
+            "stalled_frames": sum(s.get("stalled_frames", 0) for s in stats)}, fps
+
+
+def _summary(results: list[tuple[Watch, dict]], series: list[dict], args: argparse.Namespace) -> dict:
+    watches = [watch for watch, _ in results]
+    figures, fps = frame_figures(results)
     onsets = [o for watch in watches for o in watch.onsets]
-    fps = [(w.frames - 1) / (w.last_at - w.first_at) for w in watches if w.frames > 1 and w.last_at > w.first_at]
     warmup_s = 60 * args.warmup_min
     return {
         "av_offset_frames": [w.av_offset_frames() for w in watches],
@@ -329,11 +306,8 @@ def _summary(results: list[tuple[Watch, dict]], series: list[dict], args: argpar
         "onset_offset_frames_last": [w.onsets[-1] if w.onsets else None for w in watches],
         "frames": sum(w.frames for w in watches),
         "missing_frames": sum(w.missing for w in watches),
-        "speech_frames": speech_frames,
-        "dropped_frames": dropped,
-        "dropped_share": dropped / speech_frames if speech_frames else 0.0,
-        "stalled_frames": sum(s.get("stalled_frames", 0) for s in stats),
-        "rebases": sum(s.get("rebases", 0) for s in stats),
+        **figures,
+        "rebases": sum(s.get("rebases", 0) for _, s in results),
         "fps_min": min(fps, default=None),
         "growth": {key: _growth(series, key, warmup_s) for key in ("rss_mb", "threads", "fds")},
     }

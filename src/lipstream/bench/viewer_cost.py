@@ -17,8 +17,12 @@ from __future__ import annotations
 import fractions
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lipstream.stream.session import OutputFrame
 
 FRAMES = 40  # speaking frames timed per step (after 5 untimed)
 QUALITY = 80  # the server's default jpeg_quality
@@ -34,11 +38,9 @@ def _cpu_ms(step: Callable[[int], object], frames: int) -> float:
     return 1000 * (time.process_time() - began) / frames
 
 
-def speaking_frames(size: str, count: int):
+def speaking_frames(size: str, count: int) -> list[OutputFrame]:
     """`count` speaking frames of the bench avatar at `size` (warp faces on synthetic speech), as a
     session hands them to a transport: `OutputFrame`s with their patches."""
-    import torch
-
     from lipstream.bench.serve import bench_avatar
     from lipstream.engines.base import take
     from lipstream.engines.warp import WarpEngine
@@ -57,7 +59,7 @@ def speaking_frames(size: str, count: int):
     patches = compositor.patches(cycles, faces)
     silence = np.zeros(640, np.int16)
     return [OutputFrame(i, i / 25, compositor.frame(c), silence, True, [], c, avatar.name, 640, compositor,
-                        compositor.patch(c, patches[i])) for i, c in enumerate(cycles)], torch
+                        compositor.patch(c, patches[i])) for i, c in enumerate(cycles)]
 
 
 def viewer_costs(size: str, frames: int = FRAMES) -> dict:
@@ -71,7 +73,7 @@ def viewer_costs(size: str, frames: int = FRAMES) -> dict:
     from lipstream.media.encoding import encode_jpeg, patch_jpeg, video_frame
     from lipstream.server.webrtc_codecs import RealtimeH264Encoder, RealtimeVp8Encoder
 
-    made, _ = speaking_frames(size, frames + 5)
+    made = speaking_frames(size, frames + 5)
     whole = [f.image for f in made]
     i420 = [video_frame(f) for f in made]
 

@@ -92,13 +92,13 @@ def _deploy(settings: Settings, options: ClusterOptions, local: bool) -> Running
         key = secrets.token_urlsafe(24)
         settings = settings.model_copy(update={"api_keys": {key: ""}})
     replicas = options.replicas or max(1, int(gpus // gpus_per_replica) if gpus_per_replica else 1)
-    if options.min_replicas is not None or options.max_replicas is not None:
-        low, high = _bounds(options, replicas)
-        replicas = min(max(replicas, low), high)
+    bounds = _bounds(options, replicas)
+    if bounds is not None:
+        replicas = min(max(replicas, bounds[0]), bounds[1])
     serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location=options.proxy_location)
     directory()
     try:
-        serve.run(_deployment(settings, options, gpus_per_replica, replicas), name=APP_NAME, route_prefix="/")
+        serve.run(_deployment(settings, options, gpus_per_replica, replicas, bounds), name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:  # Serve's "Deploying application ... failed": a replica could not start
         raise ClusterSetupError(f"the replicas could not start ({exc}); the replicas' logs in Ray's session "
                                 "folder (logs/serve) say why, e.g. an engine that cannot load") from exc
@@ -110,16 +110,22 @@ def _deploy(settings: Settings, options: ClusterOptions, local: bool) -> Running
 
 
 
-def _bounds(options: ClusterOptions, replicas: int) -> tuple[int, int]:
-    """(min, max) replicas of autoscaling."""
+def _bounds(options: ClusterOptions, replicas: int) -> tuple[int, int] | None:
+    """(min, max) replicas of autoscaling: min_replicas or 1, max_replicas or `replicas` (at least the
+    min); None without autoscaling (neither min_replicas nor max_replicas set)."""
+    if options.min_replicas is None and options.max_replicas is None:
+        return None
     low = options.min_replicas or 1
     return low, max(options.max_replicas or replicas, low)
 
 
-def _deployment(settings: Settings, options: ClusterOptions, gpus_per_replica: float, replicas: int):
+def _deployment(settings: Settings, options: ClusterOptions, gpus_per_replica: float, replicas: int,
+                bounds: tuple[int, int] | None):
+    """The replicas' Serve deployment: `replicas` of them, or with `bounds` (`_bounds`), autoscaled
+    between them starting at `replicas`."""
     scaling: dict = {"num_replicas": replicas}
-    if options.min_replicas is not None or options.max_replicas is not None:
-        low, high = _bounds(options, replicas)
+    if bounds is not None:
+        low, high = bounds
         kwargs = {"sessions_per_replica": options.sessions_per_replica, "headroom": options.headroom}
         scaling = {"num_replicas": "auto", "autoscaling_config": AutoscalingConfig(
             min_replicas=low, max_replicas=high, initial_replicas=replicas, look_back_period_s=options.look_back_s,
