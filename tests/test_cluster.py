@@ -85,6 +85,7 @@ async def offer(url: str) -> httpx.Response:
 
 async def test_sessions_spread_over_the_replicas_and_every_request_reaches_its_own(cluster):
     async with LipstreamClient(cluster.url, "k-default") as client:
+        await settled(client)
         replicas = await ready_replicas(client)
         assert len(replicas) == 2 and all(r["engine"] == "warp" and r["device"] == "cpu" for r in replicas.values())
         infos = [await client.create_session("astronaut") for _ in range(2 * PER_REPLICA)]

@@ -145,8 +145,9 @@ def _deployment(settings: Settings, options: ClusterOptions, gpus_per_replica: f
 
 
 def _wait_ready(url: str, key: str, replicas: int, timeout_s: float) -> None:
-    """Wait until /ready lists `replicas` ready replicas; ClusterSetupError when the proxy's replies lack
-    the middleware's mark, or they are not ready in time."""
+    """Wait until /ready lists `replicas` ready replicas, and the request router has had their next
+    reports (placement reads those: a replica it last saw loading gets no session); ClusterSetupError
+    when the proxy's replies lack the middleware's mark, or they are not ready in time."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -161,6 +162,7 @@ def _wait_ready(url: str, key: str, replicas: int, timeout_s: float) -> None:
                     f"be routed to their replicas: start Ray (`ray start`) on every node with "
                     f"{proxy.CALLBACK_ENV}={proxy.CALLBACK} in its environment")
             if reply.status_code == 200 and sum(r["ready"] for r in reply.json()["replicas"]) >= replicas:
+                time.sleep(2 * STATS_PERIOD_S)
                 return
             last = f"HTTP {reply.status_code}: {reply.text[:200]}"
         time.sleep(READY_POLL_S)
